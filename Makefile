@@ -1,0 +1,102 @@
+# SAMTok monorepo. `make demo` and `make test` do all set-up on a fresh clone.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+SAMTOK := $(VENV)/bin/samtok
+STAMP  := $(VENV)/.installed-stamp
+ARGS   ?=
+
+# torch must come from the CPU wheel on this machine; the constraints file is inherited by
+# pip's build subprocesses only through the environment.
+export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+# Nothing in this project may reach a model hub at run time.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export PYTHONUNBUFFERED := 1
+
+# Artefacts of each stage of the embedded default (built on demand by later stages).
+SYNTH_OUT  := runs/synth
+SYNTH_DONE := $(SYNTH_OUT)/DONE
+TOK_DONE   := runs/tokenizer/final/model.safetensors
+PRETOK_DONE:= runs/pretok/DONE
+SFT_DONE   := runs/sft/final/DONE
+RL_DONE    := runs/rl/final/DONE
+
+.PHONY: help install test test-fast demo synth train-tokenizer pretokenize sft rl eval bench tensorboard clean distclean
+
+help:
+	@echo "make demo             install if needed, then run the whole pipeline on the embedded synthetic default"
+	@echo "make test             install if needed, then run the test suite (CI runs this)"
+	@echo "make install          create .venv/ and install samtok (editable) with its test extras"
+	@echo "make synth            generate the synthetic data set into $(SYNTH_OUT)/ (+ preview.png)"
+	@echo "make train-tokenizer  train the mask tokenizer (configs/tokenizer/tiny.yaml) -> runs/tokenizer/final/"
+	@echo "make pretokenize      turn every synthetic mask into its two codes -> runs/pretok/"
+	@echo "make sft              supervised fine-tuning of the tiny QwenVL-SAMTok -> runs/sft/final/"
+	@echo "make rl               GRPO from runs/sft/final/ -> runs/rl/final/"
+	@echo "make eval             evaluate tokenizer, SFT and RL models -> runs/eval/summary.md"
+	@echo "make bench            run the benchmarks under bench/ and refresh docs/benchmarks.md"
+	@echo "make tensorboard      TensorBoard on runs/"
+	@echo "make clean            remove runs/ and caches (keeps .venv/); make distclean also removes .venv/"
+	@echo "Extra arguments for a stage: make sft ARGS='trainer.max_steps=100'"
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q setuptools wheel torch==2.13.0
+	SAM2_BUILD_CUDA=0 $(PY) -m pip install -q --no-deps --no-build-isolation sam2==1.1.0
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+install: $(STAMP)
+
+test: install
+	$(PY) -m pytest $(if $(filter true,$(CI)),-m "not gpu",) $(ARGS)
+
+demo: install
+	$(SAMTOK) demo $(ARGS)
+
+synth: install
+	$(SAMTOK) synth --config configs/synth/default.yaml out_dir=$(SYNTH_OUT) preview=true $(ARGS)
+$(SYNTH_DONE):
+	$(MAKE) synth
+
+train-tokenizer: install | $(SYNTH_DONE)
+	$(SAMTOK) train-tokenizer --config configs/tokenizer/tiny.yaml $(ARGS)
+$(TOK_DONE):
+	$(MAKE) train-tokenizer
+
+pretokenize: install | $(SYNTH_DONE) $(TOK_DONE)
+	$(SAMTOK) pretokenize --tokenizer runs/tokenizer/final --data configs/data/synth_mixture.yaml --out runs/pretok $(ARGS)
+$(PRETOK_DONE):
+	$(MAKE) pretokenize
+
+sft: install | $(PRETOK_DONE)
+	$(SAMTOK) sft --config configs/sft/tiny.yaml $(ARGS)
+$(SFT_DONE):
+	$(MAKE) sft
+
+rl: install | $(SFT_DONE)
+	$(SAMTOK) rl --config configs/rl/tiny.yaml $(ARGS)
+$(RL_DONE):
+	$(MAKE) rl
+
+eval: install | $(TOK_DONE) $(SFT_DONE) $(RL_DONE)
+	$(SAMTOK) eval --config configs/eval/tiny.yaml $(ARGS)
+
+bench: install
+	$(PY) bench/run_all.py $(ARGS)
+
+tensorboard: install
+	$(VENV)/bin/tensorboard --logdir runs --bind_all
+
+clean:
+	rm -rf runs .pytest_cache build dist *.egg-info
+	find . -name __pycache__ -type d -prune -not -path './.venv/*' -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

@@ -1,0 +1,3 @@
+from samtok.cli import main
+
+raise SystemExit(main())
