@@ -1,0 +1,1 @@
+"""The embedded synthetic world: procedural scenes with exact instance masks and language."""
