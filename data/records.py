@@ -16,6 +16,7 @@ wrong (:class:`RecordError`).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Optional
@@ -163,12 +164,21 @@ class RegionCaptionSample(TaskSample):
         return [self.ann_id]
 
 
+REGION_MARKER_RE = re.compile(r"<region(\d+)>")
+
+
+def region_marker(k: int) -> str:
+    """The placeholder for the ``k``-th mask (0-based, in ``Round.refer_ids`` order) of a request."""
+    return f"<region{k}>"
+
+
 @dataclass
 class Round:
     """One round of a multi-round dialogue: a request (may refer to earlier masks) and its targets.
 
     ``refer_ids`` are masks shown in the user turn (as spans replacing ``<region{k}>`` markers in
-    ``request``, in order); ``target_ids`` are the masks the assistant answers with.
+    ``request``, in order; ``k`` counts from 0, see :func:`region_marker`); ``target_ids`` are the
+    masks the assistant answers with.
     """
 
     request: str

@@ -31,12 +31,12 @@ COMMANDS: tuple[Command, ...] = (
     Command("train-tokenizer", "samtok.tokenizer.cli", "train the SAMTok mask tokenizer (stage 0 SAM2 + stage 1 SAMTok)"),
     Command("encode", "samtok.tokenizer.cli", "mask file(s) -> two-token span(s) printed on stdout"),
     Command("decode", "samtok.tokenizer.cli", "span(s) -> binary mask PNG(s) at the image's size"),
-    Command("pretokenize", "samtok.data.cli", "tokenize every mask of a data set once into an Arrow table"),
+    Command("pretokenize", "samtok.data.pretokenize_cli", "tokenize every mask of a data set once into an Arrow table"),
     Command("sft", "samtok.mllm.cli", "supervised fine-tuning of a QwenVL-SAMTok model"),
-    Command("chat", "samtok.mllm.cli", "run a QwenVL-SAMTok model on an image and a prompt"),
+    Command("chat", "samtok.mllm.chat", "run a QwenVL-SAMTok model on an image and a prompt"),
     Command("rl", "samtok.rl.cli", "GRPO with the textual answer-matching reward"),
     Command("eval", "samtok.eval.cli", "run a benchmark and write report.json / report.md"),
-    Command("export", "samtok.mllm.cli", "export a tokenizer (--from-official) or a merged Hugging Face model"),
+    Command("export", "samtok.export_cli", "export a tokenizer (--from-official) or a merged Hugging Face model"),
     Command("demo", "samtok.demo", "run the whole pipeline on the embedded default, with a summary"),
 )
 

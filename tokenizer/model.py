@@ -217,11 +217,13 @@ class SAMTokModel(nn.Module):
         boxes: Optional[torch.Tensor] = None,
         mask_inputs: Optional[torch.Tensor] = None,
         multimask: bool = True,
+        use_mask: Optional[torch.Tensor] = None,
     ) -> DecoderOutput:
         """Plain promptable SAM 2 segmentation (points / S-scaled boxes / mask prompts).
 
-        Used to pre-train a small SAM 2 from scratch (stage 0) and for parity tests against
-        ``SAM2Base._forward_sam_heads``.
+        Points with label -1 are padding. ``use_mask (N,)`` selects, per mask, the dense mask
+        prompt or SAM's no-mask embedding (so one batch can mix prompt kinds). Used to pre-train a
+        small SAM 2 from scratch (stage 0) and for parity tests against ``SAM2Base._forward_sam_heads``.
         """
         n = image_index.shape[0]
         if points is None and boxes is None:
@@ -235,6 +237,9 @@ class SAMTokModel(nn.Module):
             points = (corners, labels)
         masks = self.mask_prompt(mask_inputs) if mask_inputs is not None else None
         sparse, dense = self.sam_prompt_encoder(points=points, boxes=None, masks=masks)
+        if masks is not None and use_mask is not None:
+            no_mask = self.sam_prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+            dense = torch.where(use_mask.view(-1, 1, 1, 1), dense, no_mask.expand_as(dense))
         return self._run_decoder(feats.select(image_index), sparse, dense, multimask)
 
     def _run_decoder(self, feats: ImageFeatures, sparse: torch.Tensor, dense: torch.Tensor, multimask: bool) -> DecoderOutput:

@@ -7,6 +7,7 @@ scaled to 8 bits (value * 255 / 65535) instead of being clipped.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -66,13 +67,9 @@ def as_rgb_array(image: Any, where: str = "image") -> np.ndarray:
         return load_image(image)
     if isinstance(image, Image.Image):
         return pil_to_rgb_array(image)
-    try:
-        import torch
-
-        if isinstance(image, torch.Tensor):
-            image = image.detach().cpu().numpy()
-    except ImportError:  # pragma: no cover
-        pass
+    torch = sys.modules.get("torch")  # a tensor can only exist if torch is already imported
+    if torch is not None and isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
     arr = np.asarray(image)
     if arr.ndim == 2:
         arr = arr[..., None]

