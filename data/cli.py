@@ -1,4 +1,4 @@
-"""``samtok synth`` (the embedded synthetic data set) and ``samtok pretokenize`` (not built yet).
+"""``samtok synth``: the embedded synthetic data set.
 
     samtok synth --config configs/synth/default.yaml out_dir=runs/synth num_images=50 seed=0
     samtok synth --out runs/synth --num-images 50 --seed 0 --preview
@@ -27,21 +27,13 @@ def build_parser(name: str, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--preview", action="store_true", default=None,
                             help="also write out_dir/preview.png (sets preview=true)")
         parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    elif name == "pretokenize":
-        # Placeholder: accept the Makefile's flags so that `run` answers with a clear message.
-        parser.add_argument("--tokenizer", help=argparse.SUPPRESS)
-        parser.add_argument("--data", help=argparse.SUPPRESS)
-        parser.add_argument("--out", help=argparse.SUPPRESS)
-        parser.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
-    else:  # pragma: no cover - samtok/cli.py routes only these two names here
+    else:  # pragma: no cover - samtok/cli.py routes only `synth` here
         raise SamtokError(f"samtok.data.cli has no command {name!r}")
 
 
 def run(name: str, args: argparse.Namespace) -> int:
     if name == "synth":
         return _run_synth(args)
-    if name == "pretokenize":
-        raise SamtokError("pretokenize is not built yet")
     raise SamtokError(f"samtok.data.cli has no command {name!r}")  # pragma: no cover
 
 

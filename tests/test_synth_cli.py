@@ -120,20 +120,6 @@ def test_shipped_yaml_is_the_documented_default():
     assert load_config(SynthConfig, path).validate() == SynthConfig()
 
 
-def test_pretokenize_placeholder_in_data_cli():
-    # samtok/cli.py may route `pretokenize` elsewhere; the placeholder here must still answer clearly
-    import argparse
-
-    from samtok.core.errors import SamtokError
-    from samtok.data import cli as data_cli
-
-    parser = argparse.ArgumentParser()
-    data_cli.build_parser("pretokenize", parser)
-    args = parser.parse_args(["--tokenizer", "x", "--data", "d.yaml", "--out", "y"])
-    with pytest.raises(SamtokError, match="pretokenize is not built yet"):
-        data_cli.run("pretokenize", args)
-
-
 def test_interrupted_run_leaves_no_done(tmp_path, monkeypatch):
     cfg = SynthConfig(out_dir=str(tmp_path), num_images=2, progress=False)
     generate(cfg)

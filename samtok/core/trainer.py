@@ -22,7 +22,8 @@ class TrainerConfig:
     num_nodes: int = 1
     strategy: str = "auto"  # auto | ddp | ddp_spawn | deepspeed | fsdp
     precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed | bf16-true
-    max_steps: int = 1000
+    max_steps: int = 1000  # -1: no step limit (then max_epochs decides)
+    max_epochs: Optional[int] = None  # e.g. 1 for the release's one epoch; None: steps decide
     max_minutes: Optional[float] = None  # hard wall-clock stop (Lightning max_time), a safety net
     accumulate_grad_batches: int = 1
     gradient_clip_val: float = 1.0  # by norm; 0 disables
@@ -146,6 +147,7 @@ def build_trainer(
         strategy=build_strategy(cfg, per_device_batch),
         precision=cfg.precision,
         max_steps=cfg.max_steps,
+        max_epochs=cfg.max_epochs if cfg.max_epochs is not None else (-1 if cfg.max_steps > 0 else None),
         max_time=max_time,
         accumulate_grad_batches=cfg.accumulate_grad_batches,
         gradient_clip_val=(cfg.gradient_clip_val or None) if cfg.strategy != "deepspeed" else None,

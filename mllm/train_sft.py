@@ -1,0 +1,126 @@
+"""The ``sft`` recipe: config → processor/model → shared SFT datamodule → Lightning fit → final dir.
+
+``runs/sft/final/`` is a plain Hugging Face model + processor directory (LoRA merged) with
+``samtok.json`` naming the mask tokenizer; ``samtok chat`` / ``samtok eval`` load it directly.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from samtok.core.runtime import get_logger, seed_everything
+from samtok.core.trainer import TrainerConfig
+from samtok.mllm.sft import (
+    GenerationValSettings,
+    LoraSettings,
+    OptimSettings,
+    SFTDataSettings,
+    SFTModelSettings,
+)
+
+log = get_logger("mllm.train_sft")
+
+
+@dataclass
+class SFTConfig:
+    model: SFTModelSettings = field(default_factory=SFTModelSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: SFTDataSettings = field(default_factory=SFTDataSettings)
+    optim: OptimSettings = field(default_factory=OptimSettings)
+    generation_val: GenerationValSettings = field(default_factory=GenerationValSettings)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    out_dir: str = "runs/sft"
+    init_from: Optional[str] = None  # continue from a QwenVL-SAMTok directory instead of model.path / tiny
+    resume: str = "auto"  # auto (out_dir's last.ckpt if any) | never | a .ckpt path
+    corpus_samples: int = 4000  # tiny model: conversations whose text trains the BPE text tokenizer
+    progress_bar: bool = True
+
+
+def conversation_corpus(cfg: SFTConfig, n: int) -> list[str]:
+    """Texts (prompts and answers) of the first ``n`` training conversations, for a BPE tokenizer."""
+    from samtok.data.conversations import build_example
+    from samtok.data.mixture import load_mixture, load_mixture_config, sample_rng
+    from samtok.data.pretokenize import load_code_table
+
+    mixture = load_mixture_config(cfg.data.mixture)
+    data = load_mixture(mixture, ["train"])
+    codes = load_code_table(cfg.data.pretokenized, cfg.data.tokenizer)
+    texts: list[str] = []
+    items = data.items(["train"], repeat=False)
+    step = max(1, len(items) // max(1, n))
+    for i in range(0, len(items), step):
+        _, sample = items[i]
+        ex = build_example(sample, data.record(sample), codes, mixture.conversation, sample_rng(mixture.seed, "corpus", i))
+        if ex is not None:
+            texts.extend(str(m["content"]).replace("<image>", " ") for m in ex.messages)
+    return texts
+
+
+def build_model_and_processor(cfg: SFTConfig):
+    """(model, processor, description) with the 514 mask words in the vocabulary."""
+    from samtok.mllm.models import build_tiny, load_model_and_processor
+    from samtok.mllm.vocab import add_mask_vocabulary
+
+    src = cfg.init_from or cfg.model.path
+    if src:
+        model, processor = load_model_and_processor(
+            src, dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation,
+            min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels,
+        )
+        report = add_mask_vocabulary(model, processor.tokenizer, seed=cfg.trainer.seed)
+        return model, processor, {"base_model": str(src), "vocabulary": str(report)}
+    corpus = conversation_corpus(cfg, cfg.corpus_samples)
+    model, processor = build_tiny(cfg.model.tiny, corpus=corpus)
+    return model, processor, {"base_model": "tiny (random init)", "tiny": cfg.model.tiny.__dict__ | {}}
+
+
+def train_sft(cfg: SFTConfig) -> dict:
+    from samtok.core.callbacks import StepProgress
+    from samtok.core.trainer import build_trainer, global_batch_size, resume_checkpoint
+    from samtok.data.datamodule import TRAINER_KWARGS, SFTDataModule
+    from samtok.mllm.export import save_trained_model
+    from samtok.mllm.sft import SFTLightningModule, prepare_model_for_training
+
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.trainer.seed)
+    t0 = time.time()
+    model, processor, origin = build_model_and_processor(cfg)
+    model = prepare_model_for_training(model, cfg.lora, cfg.model.freeze_vision, cfg.model.gradient_checkpointing)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log.info("model: %s; %.2f M parameters, %.2f M trainable", origin["base_model"], total / 1e6, trainable / 1e6)
+
+    dm = SFTDataModule(
+        cfg.data.mixture, cfg.data.pretokenized, processor, max_length=cfg.data.max_length,
+        batch_size=cfg.data.batch_size, num_workers=cfg.trainer.num_workers, seed=cfg.trainer.seed,
+        length_grouped=cfg.data.length_grouped, packing=cfg.data.packing, tokenizer=cfg.data.tokenizer,
+    )
+    module = SFTLightningModule(model, processor.tokenizer, cfg.optim, total_steps=cfg.trainer.max_steps)
+    callbacks = [StepProgress(cfg.trainer.max_steps, "sft", ("train/loss", "train/acc_c0"))] if cfg.progress_bar else []
+    trainer = build_trainer(cfg.trainer, out, per_device_batch=cfg.data.batch_size, callbacks=callbacks,
+                            limit_val_batches=max(1, cfg.data.val_samples // max(1, cfg.data.batch_size)),
+                            **TRAINER_KWARGS)
+    log.info("global batch %d samples", global_batch_size(cfg.trainer, cfg.data.batch_size))
+    ckpt = resume_checkpoint(out, cfg.resume)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt, weights_only=True)
+    trainer.validate(module, datamodule=dm, verbose=False)
+    minutes = (time.time() - t0) / 60
+    summary = {"steps": trainer.global_step, "minutes": minutes, "teacher_forced": module.val_results,
+               "train_examples": len(dm.train_set) if dm.train_set else 0}
+    info = {"stage": "sft", "recipe": "samtok sft", "steps": trainer.global_step, "minutes": round(minutes, 2),
+            "data": cfg.data.mixture, "lora": cfg.lora.__dict__, **origin}
+    if trainer.is_global_zero:
+        save_trained_model(module.model, processor, out / "final", cfg.data.tokenizer, info)
+        _write_summary(out, summary)
+    return summary
+
+
+def _write_summary(out: Path, summary: dict) -> None:
+    tmp = out / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2, default=str))
+    tmp.replace(out / "summary.json")
