@@ -510,8 +510,10 @@ class SFTDataModule(L.LightningDataModule):
             return []
         rank, world = self.rank_world
         _check_trainer(self._trainer_or_none(), world)
+        # pad=False: every validation sample is counted once (ranks may then see one batch fewer;
+        # validation metrics are reduced at epoch end, so that is safe)
         return self._loader(self.val_set, RankBatchSampler(len(self.val_set), self.val_batch_size, self.seed, rank,
-                                                           world, shuffle=False))
+                                                           world, shuffle=False, pad=False))
 
 
 @dataclass

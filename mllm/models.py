@@ -336,3 +336,35 @@ def save_model_and_processor(model, processor: QwenVLImageTextProcessor, path: s
     model.save_pretrained(str(p))
     save_processor(processor, p)
     return p
+
+
+class PatchLinearConv3d(torch.nn.Conv3d):
+    """A ``Conv3d`` whose input is exactly one patch (kernel = stride = input size), computed as
+    the linear map it is. Same parameters and state-dict names as the convolution it replaces;
+    on CPU its backward is an order of magnitude faster than mkldnn's conv3d backward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        if tuple(x.shape[2:]) != tuple(self.kernel_size):
+            return super().forward(x)
+        y = torch.nn.functional.linear(x.reshape(n, -1), self.weight.reshape(self.out_channels, -1), self.bias)
+        return y.view(n, self.out_channels, 1, 1, 1)
+
+
+def use_linear_patch_embedding(model) -> int:
+    """Replace the vision patch embedding's ``Conv3d`` by :class:`PatchLinearConv3d` (in place).
+
+    Qwen2.5-VL / Qwen3-VL feed the patch embedding pre-cut patches ``(N, C, T, P, P)``, so the
+    convolution is one matrix product. Returns how many convolutions were replaced.
+    """
+    replaced = 0
+    for module in model.modules():
+        conv = getattr(module, "proj", None)
+        if type(conv) is torch.nn.Conv3d and tuple(conv.kernel_size) == tuple(conv.stride) and conv.groups == 1:
+            fast = PatchLinearConv3d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                                     bias=conv.bias is not None, device="meta")
+            fast.weight = conv.weight
+            fast.bias = conv.bias
+            module.proj = fast
+            replaced += 1
+    return replaced

@@ -71,13 +71,20 @@ class OptimSettings:
     lr_multipliers: dict[str, float] = field(default_factory=dict)
 
 
+def _synthetic_val() -> dict:
+    return {"kind": "synthetic", "args": {"root": "runs/synth", "split": "val"}}
+
+
 @dataclass
 class GenerationValSettings:
+    """End-of-training validation by generation (``samtok eval`` benchmarks + constant-answer baselines)."""
+
     enabled: bool = True
-    every_n_steps: int = 0  # 0: only at the end of training
+    tasks: list[str] = field(default_factory=lambda: ["refcoco", "gres"])  # samtok eval benchmark names
+    data: dict = field(default_factory=_synthetic_val)  # benchmark data: {kind, args} as in configs/eval
     max_samples: int = 64  # per task
-    tasks: list[str] = field(default_factory=lambda: ["res", "gres"])
     max_new_tokens: int = 96
+    baselines: bool = True  # also score "most frequent span" and "No target." answers
 
 
 def parameter_group(name: str) -> str:
@@ -95,6 +102,9 @@ def parameter_group(name: str) -> str:
 
 def prepare_model_for_training(model, lora: LoraSettings, freeze_vision: bool, gradient_checkpointing: bool = False):
     """Apply LoRA (or full fine-tuning), freezing rules and gradient checkpointing; returns the model."""
+    from samtok.mllm.models import use_linear_patch_embedding
+
+    use_linear_patch_embedding(model)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -151,12 +161,22 @@ class SFTLightningModule(L.LightningModule):
     def forward(self, batch: dict) -> Any:
         from samtok.mllm.sequences import model_inputs
 
-        return self.model(**model_inputs(batch, with_labels=True))
+        return self.model(**model_inputs(batch, with_labels=False))
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean next-token loss over the answer tokens of ALL processes (equals transformers' loss on
+        one process; with several, the gradient equals one process holding the whole batch)."""
+        from samtok.core.trainer import distributed_token_mean
+        from samtok.mllm.loss import causal_lm_loss
+
+        n_tokens = (labels[:, 1:] != -100).sum()
+        return distributed_token_mean(causal_lm_loss(logits, labels, num_items_in_batch=1), n_tokens)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         out = self(batch)
+        loss = self.loss(out.logits, batch["labels"])
         n = int(batch["input_ids"].shape[0])
-        self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=n)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=n, sync_dist=True)
         tokens = int(batch["attention_mask"].sum())
         now = time.perf_counter()
         if self._t_last is not None:
@@ -166,7 +186,7 @@ class SFTLightningModule(L.LightningModule):
             with torch.no_grad():
                 for k, v in self._code_accuracy(out.logits, batch["labels"]).items():
                     self.log(f"train/{k}", v, batch_size=n)
-        return out.loss
+        return loss
 
     @torch.no_grad()
     def _code_accuracy(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -184,9 +204,11 @@ class SFTLightningModule(L.LightningModule):
         return out
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        from samtok.mllm.loss import causal_lm_loss
+
         out = self(batch)
         n = int(batch["input_ids"].shape[0])
-        self.log("val/loss", out.loss, batch_size=n, sync_dist=True)
+        self.log("val/loss", causal_lm_loss(out.logits, batch["labels"]), batch_size=n, sync_dist=True)
         for k, v in self._code_accuracy(out.logits, batch["labels"]).items():
             self.log(f"val/{k}", v, batch_size=n, sync_dist=True)
 
@@ -207,7 +229,7 @@ class SFTLightningModule(L.LightningModule):
             mult = float(self.optim.lr_multipliers.get(g, 1.0))
             param_groups.append({"params": params, "lr": self.optim.lr * mult, "name": g})
         opt = torch.optim.AdamW(param_groups, lr=self.optim.lr, betas=tuple(self.optim.betas),
-                                weight_decay=self.optim.weight_decay)
+                                weight_decay=self.optim.weight_decay, foreach=True)  # multi-tensor also on CPU
         total = self.total_steps if self.total_steps > 0 else int(self.trainer.estimated_stepping_batches)
         warm, floor = self.optim.warmup_fraction, self.optim.min_lr_ratio
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total, warm, floor))

@@ -114,10 +114,41 @@ def train_sft(cfg: SFTConfig) -> dict:
                "train_examples": len(dm.train_set) if dm.train_set else 0}
     info = {"stage": "sft", "recipe": "samtok sft", "steps": trainer.global_step, "minutes": round(minutes, 2),
             "data": cfg.data.mixture, "lora": cfg.lora.__dict__, **origin}
+    with gathered_parameters(module.model, cfg.trainer):  # every rank enters; rank 0 writes
+        if trainer.is_global_zero:
+            save_trained_model(module.model, processor, out / "final", cfg.data.tokenizer, info)
     if trainer.is_global_zero:
-        save_trained_model(module.model, processor, out / "final", cfg.data.tokenizer, info)
+        if cfg.generation_val.enabled:
+            summary["generation"] = validate_by_generation(out / "final", cfg)
         _write_summary(out, summary)
     return summary
+
+
+def gathered_parameters(model, trainer_cfg: TrainerConfig):
+    """Under DeepSpeed ZeRO-3 the weights are partitioned across ranks: gather them (collectively)
+    so that rank 0 saves full tensors. A no-op otherwise."""
+    from contextlib import nullcontext
+
+    if trainer_cfg.strategy == "deepspeed" and trainer_cfg.zero_stage == 3:
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+    return nullcontext()
+
+
+def validate_by_generation(model_dir: Path, cfg: SFTConfig) -> dict[str, float]:
+    """RES/GRES metrics of the saved model on held-out data, next to constant-answer baselines."""
+    from samtok.mllm.validation import ValidationSpec, generation_validation
+
+    g = cfg.generation_val
+    spec = ValidationSpec(mixture=cfg.data.mixture, tokenizer=cfg.data.tokenizer, data=dict(g.data),
+                          tasks=list(g.tasks), max_samples=g.max_samples, max_new_tokens=g.max_new_tokens,
+                          baselines=g.baselines, pretokenized=cfg.data.pretokenized)
+    t0 = time.time()
+    results = generation_validation(model_dir, spec, Path(cfg.out_dir) / "val_generation")
+    log.info("generation validation in %.1f min: %s", (time.time() - t0) / 60,
+             ", ".join(f"{k} {v:.3f}" for k, v in sorted(results.items()) if "/" in k and "baseline" not in k))
+    return results
 
 
 def _write_summary(out: Path, summary: dict) -> None:

@@ -245,6 +245,10 @@ def resize_embeddings_for_mask_tokens(
     ids = mask_token_ids(tok, codec)
     first = ids[0]
     emb = model.get_input_embeddings()
+    if hasattr(emb.weight, "ds_id") or emb.weight.dim() != 2 or emb.weight.numel() == 0:
+        raise MaskVocabularyError(
+            "the embedding matrix is partitioned (DeepSpeed ZeRO-3): add the mask vocabulary before the model "
+            "is wrapped by DeepSpeed (see docs/distributed.md)")
     rows_before = int(emb.weight.shape[0])
     tied = _is_tied(model)
     needed = max(len(tok), ids[-1] + 1)

@@ -15,7 +15,6 @@ from samtok.core.masks import (
     masks_to_boxes,
     resize_mask,
     rle_string_to_counts,
-    validate_rle,
 )
 
 

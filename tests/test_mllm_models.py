@@ -228,3 +228,26 @@ def test_decoding_keeps_mask_and_object_ref_tokens_and_cuts_at_the_stop_token(ti
     assert (cut[0, len(ids) + 1:] == pad).all()
     texts = decode_completions(tok, cut, mask, finished)
     assert texts[0] == gcg, "special <|object_ref_*|> and non-special mask tokens both kept, eos dropped"
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_linear_patch_embedding_is_the_same_function(family):
+    import copy
+
+    from samtok.mllm.models import PatchLinearConv3d, TinyModelConfig, build_tiny, use_linear_patch_embedding
+
+    model, _ = build_tiny(TinyModelConfig(family=family), corpus=["a b c"])
+    embed = next(m for m in model.modules() if type(getattr(m, "proj", None)) is torch.nn.Conv3d)
+    ref = copy.deepcopy(embed)
+    assert use_linear_patch_embedding(model) >= 1
+    assert isinstance(embed.proj, PatchLinearConv3d)
+    assert set(dict(embed.named_parameters())) == set(dict(ref.named_parameters()))
+    c, t, p = ref.proj.in_channels, ref.proj.kernel_size[0], ref.proj.kernel_size[1]
+    x = torch.randn(37, c * t * p * p, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    y, y_ref = embed(x), ref(x2)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    y.square().sum().backward()
+    y_ref.square().sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(embed.proj.weight.grad, ref.proj.weight.grad, rtol=1e-4, atol=1e-4)

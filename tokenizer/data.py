@@ -24,6 +24,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from samtok.core.images import load_image
 from samtok.core.masks import MaskFormatError
 from samtok.tokenizer.api import resize_image
+from samtok.tokenizer.losses import resize_gt
 
 PROMPT_ENCODER = 0  # box corners + dense mask (what the SAMTok encoder sees)
 PROMPT_BOX = 1  # noisy box corners only
@@ -59,6 +60,7 @@ class MaskVisitStream(IterableDataset):
         world_size: int = 1,
         prompts: Optional[PromptMix] = None,
         min_mask_pixels: int = 1,
+        gt_resize: str = "nearest",
     ):
         super().__init__()
         if not records:
@@ -71,6 +73,7 @@ class MaskVisitStream(IterableDataset):
         self.world_size = world_size
         self.prompts = prompts
         self.min_mask_pixels = min_mask_pixels
+        self.gt_resize = gt_resize
         self.prompt_size = 4 * (image_size // 16)
         self.logit_size = image_size // 4
 
@@ -129,7 +132,7 @@ class MaskVisitStream(IterableDataset):
         image = (resize_image(rgb, s) * 255).round().to(torch.uint8)
         m = torch.from_numpy(np.stack(masks)).unsqueeze(1).float()  # (M, 1, H, W)
         prompt = F.interpolate(m, size=(self.prompt_size,) * 2, mode="bilinear", align_corners=False, antialias=True)
-        gt = F.interpolate(m, size=(self.logit_size,) * 2, mode="nearest")
+        gt = resize_gt(m, (self.logit_size,) * 2, self.gt_resize)
         from samtok.core.masks import masks_to_boxes
 
         scale = torch.tensor([s / w, s / h, s / w, s / h])

@@ -86,10 +86,12 @@ class TokenizerLightningModule(L.LightningModule):
             for j, i in enumerate(missing):
                 levels = [lvl[j].detach() for lvl in fpn]
                 if self.stage.cache_image_features:
-                    self._feature_cache[keys[i]] = [lvl.to(torch.float16) for lvl in levels]
+                    # host memory, half precision: ~1.4 MB per image at 1024 px, not GPU memory
+                    self._feature_cache[keys[i]] = [lvl.to("cpu", torch.float16) for lvl in levels]
                 else:
                     self._feature_cache[keys[i]] = levels
-        levels = [torch.stack([self._feature_cache[k][lvl].float() for k in keys]) for lvl in range(3)]
+        levels = [torch.stack([self._feature_cache[k][lvl] for k in keys]).to(self.device, torch.float32)
+                  for lvl in range(3)]
         if not self.stage.cache_image_features:
             self._feature_cache.clear()
         return self.model.prepare_features(levels)
@@ -132,7 +134,7 @@ class TokenizerLightningModule(L.LightningModule):
             chosen = out.logits[torch.arange(bs, device=idx.device), out.best_index]
             from samtok.tokenizer.losses import actual_iou, resize_gt
 
-            g = resize_gt(batch["gt"], chosen.shape[-2:])
+            g = resize_gt(batch["gt"], chosen.shape[-2:], self.stage.loss.gt_resize)
             self.log("train/iou_lowres", actual_iou(chosen.unsqueeze(1), g).mean(), batch_size=bs)
         for k, v in logs.items():
             self.log(k, v, batch_size=bs)
@@ -147,10 +149,9 @@ class TokenizerLightningModule(L.LightningModule):
     @torch.no_grad()
     def _run_kmeans(self) -> None:
         if self._recent_z:
-            z = torch.cat(self._recent_z).to(self.device)
+            z = torch.cat(self._recent_z)  # on the CPU: k-means with a CPU generator, same on every rank
             g = torch.Generator(device="cpu").manual_seed(int(self.trainer.current_epoch) + 17)
-            self.model.quantizer.kmeans_init(z.cpu(), generator=g)
-            self.model.quantizer.to(self.device)
+            self.model.quantizer.kmeans_init(z, generator=g)
         self._recent_z.clear()
         self._kmeans_done = True
 
@@ -176,8 +177,15 @@ class TokenizerLightningModule(L.LightningModule):
             from samtok.tokenizer.api import boxes_for
 
             boxes = boxes_for(masks, tok.image_size).to(self.device)
-            idx = torch.zeros(masks.shape[0], dtype=torch.long, device=self.device)
-            out = self.model.decode_prompts(feats, idx, boxes=boxes)
+            n = masks.shape[0]
+            idx = torch.zeros(n, dtype=torch.long, device=self.device)
+            # the same prompt layout as training: two corners, then padding up to max_points
+            width = max(2, self.stage.prompts.max_points)
+            coords = torch.zeros(n, width, 2, device=self.device)
+            labels = -torch.ones(n, width, dtype=torch.int32, device=self.device)
+            coords[:, :2] = boxes.view(n, 2, 2)
+            labels[:, 0], labels[:, 1] = 2, 3
+            out = self.model.decode_prompts(feats, idx, points=(coords, labels))
             pred = (self.model.upsample_logits(out.best_logits, (h, w))[:, 0] > self.model.cfg.mask_threshold).cpu()
             pred1 = pred
         else:
@@ -245,7 +253,7 @@ class TokenizerLightningModule(L.LightningModule):
         if not groups:
             raise ValueError(f"stage {self.stage.name}: no trainable parameters (train_parts={self.stage.train_parts})")
         opt = torch.optim.AdamW(groups, lr=self.stage.lr, betas=tuple(self.stage.betas),
-                                weight_decay=self.stage.weight_decay)
+                                weight_decay=self.stage.weight_decay, foreach=True)  # multi-tensor also on CPU
         total, warm, floor = self.total_steps, self.stage.warmup_fraction, self.stage.min_lr_ratio
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total, warm, floor))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

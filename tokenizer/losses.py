@@ -24,6 +24,11 @@ class MaskLossConfig:
     oversample: float = 3.0
     importance: float = 0.75
     multimask: str = "min"  # loss over the 3 outputs: min (SAM) | best_pred (the one decode keeps) | all
+    # how the GT reaches the logit size (S/4): "nearest" (the release; samples the top-left pixel of
+    # each block, a shift of 1.5 px against the centre-aligned bilinear upsampling of the logits,
+    # negligible at 1024 px but ~0.2 IoU on 128-px images), "nearest-exact" (block centres), or
+    # "area" (antialiased coverage in [0, 1]: soft targets aligned with the upsampling)
+    gt_resize: str = "nearest"
 
 
 def point_sample(x: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
@@ -75,11 +80,18 @@ def mask_losses(logits: torch.Tensor, gt: torch.Tensor, cfg: MaskLossConfig) -> 
     return sigmoid_bce(lp, gp), naive_dice(lp, gp)
 
 
-def resize_gt(gt: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """GT masks ``(N, 1, H, W)`` → logit size, nearest (as the release)."""
+GT_RESIZE_MODES = ("nearest", "nearest-exact", "area")
+
+
+def resize_gt(gt: torch.Tensor, size: tuple[int, int], mode: str = "nearest") -> torch.Tensor:
+    """GT masks ``(N, 1, H, W)`` → logit size (see :attr:`MaskLossConfig.gt_resize`)."""
+    if mode not in GT_RESIZE_MODES:
+        raise ValueError(f"loss.gt_resize must be one of {GT_RESIZE_MODES}, got {mode!r}")
     if tuple(gt.shape[-2:]) == tuple(size):
         return gt.float()
-    return F.interpolate(gt.float(), size=size, mode="nearest")
+    if mode == "area":
+        return F.interpolate(gt.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
+    return F.interpolate(gt.float(), size=size, mode=mode)
 
 
 @torch.no_grad()
@@ -101,7 +113,7 @@ def multimask_loss(
     ``chosen`` (the output index each mask's loss was taken on).
     """
     n, m, h, w = logits.shape
-    g = resize_gt(gt, (h, w))
+    g = resize_gt(gt, (h, w), cfg.gt_resize)
     flat_logits = logits.reshape(n * m, 1, h, w)
     flat_gt = g.repeat_interleave(m, dim=0)
     bce, dice = mask_losses(flat_logits, flat_gt, cfg)

@@ -236,11 +236,12 @@ class ResidualQuantizer(nn.Module):
         residual = z.detach().float()
         for cb in self.codebooks:
             centres = kmeans(residual, self.codebook_size, iters=iters, generator=generator)
+            shared = centres.to(cb.weight.device).contiguous()  # the codebook's device (NCCL needs GPU tensors)
             if _dist_ready():
-                centres = centres.contiguous()
-                dist.broadcast(centres, src=0)
-            cb.set_codes(centres, count=max(1.0, self.restart_count))
-            residual = residual - centres[cb.nearest(residual)]
+                dist.broadcast(shared, src=0)
+            cb.set_codes(shared, count=max(1.0, self.restart_count))
+            local = shared.to(residual.device)
+            residual = residual - local[squared_distances(residual, local).argmin(1)]
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int = 20, generator: Optional[torch.Generator] = None) -> torch.Tensor:

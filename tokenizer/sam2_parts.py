@@ -43,6 +43,7 @@ class SAM2Config:
     image_size: int = 1024  # S: images are resized to S x S; the embedding is S/16, mask logits S/4
     checkpoint: Optional[str] = None  # local sam2.1_hiera_*.pt (Meta's file); None = random init
     hidden_dim: Optional[int] = None  # neck / prompt / decoder width (256 in every release)
+    decoder_mlp_dim: int = 2048  # MLP width of the mask decoder's two-way transformer (2048 in SAM 2)
     trunk_embed_dim: Optional[int] = None  # Hiera stage-1 width (96 t/s, 112 b+, 144 l)
     trunk_num_heads: Optional[int] = None
     trunk_stages: Optional[list[int]] = None  # blocks per stage, e.g. [1, 1, 2, 1] for a micro Hiera
@@ -128,7 +129,7 @@ def build_sam2_parts(cfg: SAM2Config) -> dict[str, Any]:
     extra = node.get("sam_mask_decoder_extra_args", None)
     mask_decoder = MaskDecoder(
         num_multimask_outputs=3,
-        transformer=TwoWayTransformer(depth=2, embedding_dim=hidden, mlp_dim=2048, num_heads=8),
+        transformer=TwoWayTransformer(depth=2, embedding_dim=hidden, mlp_dim=cfg.decoder_mlp_dim, num_heads=8),
         transformer_dim=hidden,
         iou_head_depth=3,
         iou_head_hidden_dim=256,

@@ -12,9 +12,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
-import torch
 
 from samtok.core.runtime import get_logger, seed_everything
 from samtok.core.trainer import TrainerConfig
@@ -76,7 +74,8 @@ def run_stage(model, stage: StageConfig, cfg: TrainTokenizerConfig, train_record
                             "max_minutes": stage.max_minutes or cfg.trainer.max_minutes})
     module = TokenizerLightningModule(model, stage)
     callbacks = [StepProgress(stage.max_steps, f"tokenizer {stage.name}", ("train/loss", "train/iou_lowres"))] if cfg.progress_bar else []
-    trainer = build_trainer(tcfg, run_dir, per_device_batch=stage.batch_images, callbacks=callbacks)
+    trainer = build_trainer(tcfg, run_dir, per_device_batch=stage.batch_images, callbacks=callbacks,
+                            batch_unit="image visits")
     log.info("stage %s: %d steps, %d image visits x %d masks per device, global batch %d visits",
              stage.name, stage.max_steps, stage.batch_images, stage.masks_per_image,
              global_batch_size(tcfg, stage.batch_images))
@@ -84,6 +83,7 @@ def run_stage(model, stage: StageConfig, cfg: TrainTokenizerConfig, train_record
         train_records, model.image_size, masks_per_visit=stage.masks_per_image, seed=cfg.trainer.seed,
         rank=trainer.global_rank, world_size=trainer.world_size,
         prompts=stage.prompts if stage.name == "sam" else None, min_mask_pixels=cfg.data.min_mask_pixels,
+        gt_resize=stage.loss.gt_resize,
     )
     train_loader = DataLoader(stream, batch_size=stage.batch_images, collate_fn=collate_visits,
                               num_workers=cfg.trainer.num_workers, persistent_workers=cfg.trainer.num_workers > 0)
@@ -99,12 +99,13 @@ def run_stage(model, stage: StageConfig, cfg: TrainTokenizerConfig, train_record
     results = dict(module.val_results)
     results["minutes"] = (time.time() - t0) / 60
     results["steps"] = trainer.global_step
+    results["is_global_zero"] = trainer.is_global_zero
     return results
 
 
 def train_tokenizer(cfg: TrainTokenizerConfig) -> dict:
     """Run the recipe; returns a summary (also written to ``out_dir/summary.json``)."""
-    from samtok.tokenizer.checkpoints import load_state_strict, save_tokenizer_dir
+    from samtok.tokenizer.checkpoints import save_tokenizer_dir
     from samtok.tokenizer.model import SAMTokModel
     from samtok.tokenizer.sam2_parts import load_meta_sam2_weights
 
@@ -133,23 +134,28 @@ def train_tokenizer(cfg: TrainTokenizerConfig) -> dict:
             summary["stage0"] = json.loads((out / "stage0" / "results.json").read_text())
         else:
             res = run_stage(model, cfg.stage0, cfg, train_records, val_records, out / "stage0")
-            from safetensors.torch import save_file
+            writer = res.pop("is_global_zero")
+            if writer:  # one process writes; the others hold identical weights (DDP)
+                from safetensors.torch import save_file
 
-            sam_state = {k: v.detach().contiguous() for k, v in model.state_dict().items()
-                         if not k.startswith(("sam_mask_encoder", "quantizer"))}
-            tmp = stage0_file.with_suffix(".tmp")
-            save_file(sam_state, str(tmp))
-            tmp.replace(stage0_file)
-            (out / "stage0" / "results.json").write_text(json.dumps(res, indent=2))
+                sam_state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
+                             if not k.startswith(("sam_mask_encoder", "quantizer"))}
+                tmp = stage0_file.with_suffix(".tmp")
+                save_file(sam_state, str(tmp))
+                tmp.replace(stage0_file)
+                (out / "stage0" / "results.json").write_text(json.dumps(res, indent=2))
             summary["stage0"] = res
             log.info("stage 0 done in %.1f min: box-prompt val mIoU %.3f", res["minutes"], res.get("val/rMaskIoU", float("nan")))
+    writer = True
     if cfg.stage1.enabled:
         res = run_stage(model, cfg.stage1, cfg, train_records, val_records, out / "stage1")
+        writer = res.pop("is_global_zero")
         summary["stage1"] = res
     summary["minutes_total"] = (time.time() - t0) / 60
-    info = {"trained_by": "samtok train-tokenizer", "summary": summary}
-    save_tokenizer_dir(model, out / "final", info=info)
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(out / "summary.json")
+    if writer:
+        info = {"trained_by": "samtok train-tokenizer", "summary": summary}
+        save_tokenizer_dir(model, out / "final", info=info)
+        tmp = out / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2))
+        tmp.replace(out / "summary.json")
     return summary

@@ -35,7 +35,7 @@ from samtok.core.config import save_config, to_dict
 from samtok.core.errors import SamtokError
 from samtok.core.masks import box_xyxy_to_xywh, encode_rle
 from samtok.core.runtime import get_logger
-from samtok.data.records import ImageRecord, InstanceSegSample, MaskAnn, TaskSample
+from samtok.data.records import ImageRecord, MaskAnn, TaskSample
 from samtok.data.synth.config import SynthConfig
 from samtok.data.synth.scene import Scene, sample_scene
 from samtok.data.synth.tasks import build_samples

@@ -11,8 +11,6 @@ the base is merged first, then the file's own keys.
 
 from __future__ import annotations
 
-from samtok.core.errors import SamtokError
-
 import dataclasses
 import io
 from pathlib import Path
@@ -20,6 +18,8 @@ from typing import Any, Sequence, TypeVar
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from samtok.core.errors import SamtokError
 
 T = TypeVar("T")
 

@@ -14,13 +14,13 @@ past its buffer. Every RLE is therefore validated here, in Python, before it rea
 
 from __future__ import annotations
 
-from samtok.core.errors import SamtokError
-
 import sys
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 from pycocotools import mask as coco_mask
+
+from samtok.core.errors import SamtokError
 
 
 class MaskFormatError(SamtokError):

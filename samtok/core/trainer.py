@@ -3,6 +3,13 @@
 Strategy, devices, nodes, precision, accumulation and ZeRO settings are config keys; the DeepSpeed
 config is generated from them (never a hand-edited JSON). Lightning is imported lazily so that
 ``samtok.core`` itself stays importable without it.
+
+Every ``build_trainer`` trainer also (see ``docs/distributed.md``):
+
+* logs the global batch (per device × devices × nodes × accumulation, from the live Trainer) as
+  hyper-parameters and as the scalar ``trainer/global_batch_size``;
+* moves the epoch of the project's rank-aware batch samplers (Lightning only calls ``set_epoch`` on
+  ``loader.sampler`` and ``loader.batch_sampler.sampler``, never on a batch sampler itself).
 """
 
 from __future__ import annotations
@@ -46,6 +53,8 @@ def world_size_of(cfg: TrainerConfig) -> int:
         n = torch.cuda.device_count() if (cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()) else 1
     elif "," in devices or devices.startswith("["):
         n = len([d for d in devices.strip("[]").split(",") if d.strip()])
+    elif devices == "-1":  # Lightning: every visible device
+        n = torch.cuda.device_count() if torch.cuda.is_available() and cfg.accelerator != "cpu" else 1
     else:
         n = int(devices) if devices.lstrip("-").isdigit() and int(devices) > 0 else 1
     return max(1, n) * max(1, cfg.num_nodes)
@@ -57,9 +66,18 @@ def global_batch_size(cfg: TrainerConfig, per_device: int) -> int:
 
 
 def deepspeed_config(cfg: TrainerConfig, per_device_batch: int) -> dict:
-    """The DeepSpeed JSON for this config (ZeRO stage, offload, precision, clipping, batch sizes)."""
+    """The DeepSpeed JSON for this config, as ``deepspeed.initialize`` receives it under Lightning.
+
+    ZeRO stage, offload, precision (``bf16`` / ``fp16`` with dynamic loss scaling), gradient clipping
+    by norm, micro-batch and accumulation. DeepSpeed derives ``train_batch_size`` = micro-batch ×
+    accumulation × data-parallel world size itself. Lightning refuses a config that already holds
+    ``gradient_accumulation_steps`` (it inserts ``accumulate_grad_batches``): the strategy gets
+    :func:`lightning_deepspeed_config`, which is this dict without that key.
+    """
     if cfg.zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"trainer.zero_stage must be 0..3, got {cfg.zero_stage}")
+    if cfg.offload_optimizer and cfg.zero_stage == 0:
+        raise ValueError("trainer.offload_optimizer needs trainer.zero_stage >= 1")
     zero: dict[str, Any] = {
         "stage": cfg.zero_stage,
         "overlap_comm": True,
@@ -82,8 +100,12 @@ def deepspeed_config(cfg: TrainerConfig, per_device_batch: int) -> dict:
         "gradient_accumulation_steps": max(1, cfg.accumulate_grad_batches),
         "zero_allow_untested_optimizer": True,
     }
-    if cfg.gradient_clip_val and cfg.gradient_clip_val > 0:
-        ds["gradient_clipping"] = cfg.gradient_clip_val
+    if cfg.offload_optimizer:
+        # The stages build torch.optim.AdamW; DeepSpeed refuses it with offload unless told otherwise.
+        # It then steps on the CPU copy (correct, slower than DeepSpeedCPUAdam: see offload_aware_adamw).
+        ds["zero_force_ds_cpu_optimizer"] = False
+    # always explicit: DeepSpeed clips at 1.0 when the key is absent (0 disables)
+    ds["gradient_clipping"] = float(cfg.gradient_clip_val) if cfg.gradient_clip_val and cfg.gradient_clip_val > 0 else 0.0
     if cfg.precision.startswith("bf16"):
         ds["bf16"] = {"enabled": True}
     elif cfg.precision.startswith("16"):
@@ -91,18 +113,115 @@ def deepspeed_config(cfg: TrainerConfig, per_device_batch: int) -> dict:
     return ds
 
 
-def build_strategy(cfg: TrainerConfig, per_device_batch: int) -> Any:
-    """A Lightning strategy object (or name) for ``cfg.strategy``."""
-    if cfg.strategy == "deepspeed":
-        from lightning.pytorch.strategies import DeepSpeedStrategy
+def lightning_deepspeed_config(cfg: TrainerConfig, per_device_batch: int) -> dict:
+    """:func:`deepspeed_config` for ``DeepSpeedStrategy(config=...)``: without
+    ``gradient_accumulation_steps``, which Lightning adds from ``Trainer(accumulate_grad_batches)``."""
+    ds = deepspeed_config(cfg, per_device_batch)
+    ds.pop("gradient_accumulation_steps")
+    return ds
 
-        return DeepSpeedStrategy(config=deepspeed_config(cfg, per_device_batch))
+
+_DEEPSPEED_STRATEGY: Any = None
+
+
+def deepspeed_strategy_class() -> type:
+    """``AccumulatingDeepSpeedStrategy``: Lightning's ``DeepSpeedStrategy`` whose engine may accumulate
+    micro-batches under manual optimisation.
+
+    Lightning writes ``Trainer(accumulate_grad_batches)`` into the DeepSpeed config, and manual
+    optimisation (the GRPO module) requires that to be 1 — yet such a module may feed the engine
+    several micro-batches per optimiser step. ``engine_accumulation`` is then written into the config
+    instead. With automatic optimisation both must agree (Lightning steps the engine every batch and
+    DeepSpeed finds the accumulation boundary itself); a mismatch is refused.
+    """
+    global _DEEPSPEED_STRATEGY
+    if _DEEPSPEED_STRATEGY is not None:
+        return _DEEPSPEED_STRATEGY
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    class AccumulatingDeepSpeedStrategy(DeepSpeedStrategy):
+        def __init__(self, *args: Any, engine_accumulation: Optional[int] = None, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            self.engine_accumulation = engine_accumulation
+
+        def _format_batch_size_and_grad_accum_config(self) -> None:
+            super()._format_batch_size_and_grad_accum_config()
+            module = self.lightning_module
+            if module is None or self.engine_accumulation is None:
+                return
+            lightning_accumulation = int(self.config["gradient_accumulation_steps"])
+            if not module.automatic_optimization:
+                self.config["gradient_accumulation_steps"] = int(self.engine_accumulation)
+            elif int(self.engine_accumulation) != lightning_accumulation:
+                raise MisconfigurationException(
+                    f"DeepSpeed would accumulate {self.engine_accumulation} micro-batches but the Trainer "
+                    f"{lightning_accumulation}: with automatic optimisation set trainer.accumulate_grad_batches only")
+
+    AccumulatingDeepSpeedStrategy.__module__ = __name__
+    AccumulatingDeepSpeedStrategy.__qualname__ = "AccumulatingDeepSpeedStrategy"
+    _DEEPSPEED_STRATEGY = AccumulatingDeepSpeedStrategy
+    globals()["AccumulatingDeepSpeedStrategy"] = AccumulatingDeepSpeedStrategy  # picklable by name
+    return AccumulatingDeepSpeedStrategy
+
+
+def build_strategy(cfg: TrainerConfig, per_device_batch: int) -> Any:
+    """A Lightning strategy object (or name) for ``cfg.strategy``.
+
+    ``ddp`` starts the other local processes by re-running the command (or takes them from torchrun /
+    SLURM); ``ddp_spawn`` forks them from inside ``fit`` (objects built before ``fit`` then carry
+    rank 0's view: prefer ``ddp``). ``deepspeed`` gets :func:`lightning_deepspeed_config`; its engine
+    accumulates ``cfg.accumulate_grad_batches`` micro-batches (see :func:`deepspeed_strategy_class`).
+    """
+    if cfg.strategy == "deepspeed":
+        return deepspeed_strategy_class()(config=lightning_deepspeed_config(cfg, per_device_batch),
+                                          engine_accumulation=max(1, cfg.accumulate_grad_batches))
     if cfg.strategy in ("ddp", "ddp_spawn"):
         from lightning.pytorch.strategies import DDPStrategy
 
         return DDPStrategy(start_method="spawn" if cfg.strategy == "ddp_spawn" else "popen",
                            find_unused_parameters=True)
     return cfg.strategy
+
+
+def offloads_optimizer(trainer: Any) -> bool:
+    """Whether ``trainer`` runs DeepSpeed with the optimizer states in CPU memory."""
+    config = getattr(getattr(trainer, "strategy", None), "config", None)
+    if not isinstance(config, dict):
+        return False
+    offload = (config.get("zero_optimization") or {}).get("offload_optimizer") or {}
+    return offload.get("device", "none") not in ("none", None)
+
+
+def offload_aware_adamw(param_groups: Any, trainer: Any = None, **kwargs: Any) -> torch.optim.Optimizer:
+    """``torch.optim.AdamW(param_groups, **kwargs)``, or DeepSpeed's CPU Adam (AdamW mode, same
+    arguments) when ``trainer`` offloads the optimizer: several times faster on the CPU copy.
+    Call it from ``configure_optimizers`` as ``offload_aware_adamw(groups, self.trainer, lr=...)``."""
+    if trainer is not None and offloads_optimizer(trainer):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(param_groups, adamw_mode=True, **kwargs)
+    return torch.optim.AdamW(param_groups, **kwargs)
+
+
+def distributed_token_mean(loss_sum: torch.Tensor, num_tokens: torch.Tensor | int) -> torch.Tensor:
+    """This rank's share of a per-token mean over ALL ranks, for ``backward``.
+
+    ``loss_sum``: the summed per-token loss of this rank's micro-batch; ``num_tokens``: how many tokens
+    it summed. DDP, DeepSpeed and FSDP average gradients over the W ranks, so returning
+    ``loss_sum × W / N`` (``N`` = tokens of all ranks, all-reduced) gives exactly the gradient of
+    ``Σ_r loss_sum_r / N`` — what one process holding the whole batch computes. Averaging the returned
+    values over ranks (``self.log(..., sync_dist=True)``) gives that global mean. Without a process
+    group it is ``loss_sum / num_tokens``.
+    """
+    import torch.distributed as dist
+
+    count = torch.as_tensor(num_tokens, dtype=torch.float32, device=loss_sum.device).detach().clone()
+    world = 1
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        world = dist.get_world_size()
+        dist.all_reduce(count)
+    return loss_sum * world / count.clamp_min(1.0)
 
 
 def _devices_arg(devices: str) -> Any:
@@ -121,17 +240,26 @@ def build_trainer(
     callbacks: Optional[list] = None,
     logger_name: str = "tb",
     enable_progress_bar: bool = False,
+    batch_unit: str = "samples",
     **overrides: Any,
 ):
-    """A ``lightning.Trainer`` for a stage: TensorBoard under ``run_dir/tb``, checkpoints, strategy."""
+    """A ``lightning.Trainer`` for a stage: TensorBoard under ``run_dir/tb``, checkpoints, strategy.
+
+    ``per_device_batch`` (in ``batch_unit``s) is logged at the start of training with the global batch
+    it makes (:class:`samtok.core.callbacks.GlobalBatchLogger`); ``overrides`` go to ``Trainer`` as is.
+    """
     import lightning as L
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
+
+    from samtok.core.callbacks import BatchSamplerEpoch, GlobalBatchLogger
 
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     run_dir = Path(run_dir)
     cbs = list(callbacks or [])
+    cbs.append(GlobalBatchLogger(per_device_batch, unit=batch_unit, config=cfg))
+    cbs.append(BatchSamplerEpoch())
     if cfg.checkpoint_every_n_steps > 0:
         cbs.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
                                    every_n_train_steps=cfg.checkpoint_every_n_steps))
@@ -179,14 +307,17 @@ def warmup_cosine(step: int, total: int, warmup_fraction: float = 0.05, min_rati
 
 
 def resume_checkpoint(run_dir: str | Path, mode: str) -> Optional[str]:
-    """``last.ckpt`` of ``run_dir`` when ``mode`` is auto/true and it exists; an explicit path otherwise."""
+    """``last.ckpt`` of ``run_dir`` when ``mode`` is auto/true and it exists; an explicit path otherwise.
+
+    A checkpoint is a file (DDP, single device) or a directory (DeepSpeed: one shard per rank).
+    """
     if mode in ("", "never", "false", "False", "no"):
         return None
     if mode in ("auto", "true", "True", "yes"):
         last = Path(run_dir) / "checkpoints" / "last.ckpt"
-        return str(last) if last.is_file() else None
+        return str(last) if last.exists() else None
     p = Path(mode)
-    if not p.is_file():
+    if not p.exists():
         from samtok.core.errors import SamtokError
 
         raise SamtokError(f"resume checkpoint not found: {p}")
