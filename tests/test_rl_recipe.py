@@ -79,6 +79,7 @@ conversation: {{crop_min_side: 48, crop_min_short_side: 112}}
         "grpo": {"prompts_per_step": 2, "micro_batch_size": 3, "log_completions_every_n_steps": 1},
         "sampling": {"max_new_tokens": 8},
         "loss": {"num_generations": 3},
+        "reward": {"weights": {"answer_matching": 0.5, "partial_credit": 0.5}},  # two components, both logged
         "eval": {"benchmarks": [{"benchmark": "gres", "max_samples": 6,
                                  "data": {"kind": "synthetic", "args": {"root": str(synth), "split": "val"}}}],
                  "generation": {"batch_size": 4, "max_new_tokens": {"gres": 8}}},
@@ -116,7 +117,8 @@ def test_recipe_end_to_end_writes_final_summary_and_resumes(setup):
     ea = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0, "tensors": 0})
     ea.Reload()
     scalars = set(ea.Tags()["scalars"])
-    for tag in ("train/reward/mean", "train/reward/std", "train/reward/answer_matching/mean", "train/advantage/std",
+    for tag in ("train/reward/mean", "train/reward/std", "train/reward/answer_matching/mean",
+                "train/reward/partial_credit/mean", "train/reward/task_gres/mean", "train/advantage/std",
                 "train/kl", "train/clip_ratio/region_mean", "train/completion/length_mean",
                 "train/completion/spans_mean", "train/completion/no_target_fraction", "train/grad_norm",
                 "train/loss"):
