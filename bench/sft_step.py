@@ -116,7 +116,7 @@ def run_case(case: SFTCase, device: str, repeats: int) -> dict:
     def steps():
         for _ in range(case.steps):
             with autocast:
-                loss = module(batch).loss
+                loss = module.loss(module(batch).logits, batch["labels"])
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

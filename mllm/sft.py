@@ -46,6 +46,9 @@ class SFTModelSettings:
     freeze_vision: bool = True  # vision tower and merger frozen (release)
     gradient_checkpointing: bool = False
     attn_implementation: Optional[str] = None  # e.g. flash_attention_2 on GPU; None: the model's default
+    # rows of the 512 code words: "statistics" (the release: mean + 0.02 N(0,1) std of the text rows) or
+    # "codebook" (ours: the mask tokenizer's code vectors, projected; see mllm.vocab.init_code_rows_from_codebooks)
+    mask_embedding_init: str = "statistics"
 
 
 @dataclass
@@ -157,6 +160,11 @@ class SFTLightningModule(L.LightningModule):
         self.register_buffer("c1_ids", c1, persistent=False)
         self._t_last: Optional[float] = None
         self.val_results: dict[str, float] = {}
+
+    def on_fit_start(self) -> None:
+        # transformers' from_pretrained returns eval-mode modules and Lightning keeps module modes:
+        # without this, dropout (LoRA's included) would silently stay off during training
+        self.model.train()
 
     def forward(self, batch: dict) -> Any:
         from samtok.mllm.sequences import model_inputs

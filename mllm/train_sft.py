@@ -78,6 +78,24 @@ def build_model_and_processor(cfg: SFTConfig):
     return model, processor, {"base_model": "tiny (random init)", "tiny": cfg.model.tiny.__dict__ | {}}
 
 
+def apply_mask_embedding_init(model, processor, cfg: SFTConfig) -> None:
+    """Optionally replace the statistics-based rows of the code words by codebook-derived ones."""
+    mode = cfg.model.mask_embedding_init
+    if mode == "statistics":
+        return
+    if mode != "codebook":
+        from samtok.core.config import ConfigError
+
+        raise ConfigError(f"model.mask_embedding_init must be 'statistics' or 'codebook', got {mode!r}")
+    from samtok.mllm.vocab import init_code_rows_from_codebooks
+    from samtok.tokenizer.checkpoints import load_tokenizer_dir
+
+    mask_model, _ = load_tokenizer_dir(cfg.data.tokenizer)
+    books = [cb.codes.detach() for cb in mask_model.quantizer.codebooks]
+    n = init_code_rows_from_codebooks(model, processor.tokenizer, books, seed=cfg.trainer.seed)
+    log.info("initialised %d code-word rows from the mask tokenizer's codebooks", n)
+
+
 def train_sft(cfg: SFTConfig) -> dict:
     from samtok.core.callbacks import StepProgress
     from samtok.core.trainer import build_trainer, global_batch_size, resume_checkpoint
@@ -90,6 +108,8 @@ def train_sft(cfg: SFTConfig) -> dict:
     seed_everything(cfg.trainer.seed)
     t0 = time.time()
     model, processor, origin = build_model_and_processor(cfg)
+    if not cfg.init_from:
+        apply_mask_embedding_init(model, processor, cfg)
     model = prepare_model_for_training(model, cfg.lora, cfg.model.freeze_vision, cfg.model.gradient_checkpointing)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())

@@ -321,3 +321,44 @@ def add_mask_vocabulary(model, tokenizer, codec: Optional[MaskCodec] = None, see
     vocab = add_mask_tokens(tokenizer, codec)
     emb = resize_embeddings_for_mask_tokens(model, tokenizer, codec, seed=seed)
     return vocab, emb
+
+
+@torch.no_grad()
+def init_code_rows_from_codebooks(model, tokenizer, codebooks: Sequence[torch.Tensor], seed: int = 0) -> int:
+    """Initialise the embedding (and untied lm_head) rows of the code words from the tokenizer's codebooks.
+
+    An option beyond the release (which uses :func:`init_rows_from_statistics`): code ``k`` of depth
+    ``d`` gets ``Q · (codebooks[d][k] - mean_d)``, with ``Q`` a fixed random orthonormal map from the
+    codebook width to the model width (a PCA to the model width when the codebook is wider), rescaled
+    to the median norm of the text rows. Codes whose vectors are close — which decode to similar
+    masks — then start with similar rows, so the output layer has a geometry in which a nearly right
+    prediction picks a nearby mask. Returns the number of rows written.
+    """
+    ids = mask_code_token_ids(tokenizer)
+    size = len(ids) // max(1, len(codebooks))
+    emb = model.get_input_embeddings().weight
+    hidden = emb.shape[1]
+    first_mask_id = min(ids) - 1  # <|mt_start|> precedes the codes
+    text_norm = emb[:first_mask_id].float().norm(dim=1).median()
+    g = torch.Generator().manual_seed(seed)
+    written = 0
+    heads = [emb]
+    head = model.get_output_embeddings()
+    if head is not None and head.weight.data_ptr() != emb.data_ptr():
+        heads.append(head.weight)
+    for d, codes in enumerate(codebooks):
+        v = codes.float().cpu()
+        v = v - v.mean(0, keepdim=True)
+        c = v.shape[1]
+        if c <= hidden:
+            q, _ = torch.linalg.qr(torch.randn(hidden, c, generator=g))
+            rows = v @ q.t()
+        else:
+            _, _, vt = torch.linalg.svd(v, full_matrices=False)
+            rows = v @ vt[:hidden].t()
+        rows = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-8) * text_norm
+        index = torch.as_tensor(ids[d * size:(d + 1) * size], dtype=torch.long)
+        for w in heads:
+            w.index_copy_(0, index.to(w.device), rows.to(w.device, w.dtype))
+        written += len(index)
+    return written

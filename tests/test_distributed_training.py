@@ -82,32 +82,33 @@ def make_assets(root: Path) -> dict:
 
 # ------------------------------------------------------------------------------------------------ SFT
 def _sft_module_class():
-    from samtok.core.trainer import distributed_token_mean
     from samtok.mllm.loss import causal_lm_loss
     from samtok.mllm.sequences import IGNORE_INDEX
     from samtok.mllm.sft import SFTLightningModule
 
     class RecordingSFT(SFTLightningModule):
-        """The stock module (``token_weighted=False``) or the proposed global-token normalisation,
-        recording what each rank computed at every step."""
+        """Our module as shipped (``token_weighted=True``: the loss normalised by the tokens of ALL
+        ranks) or transformers' per-rank mean (``token_weighted=False``, the "stock" recipe), recording
+        what each rank computed at every step."""
 
         def __init__(self, *args, token_weighted: bool = False, **kwargs):
             super().__init__(*args, **kwargs)
             self.token_weighted = token_weighted
             self.records: list[dict] = []
+            self._sum = 0.0
+
+        def loss(self, logits, labels):
+            loss_sum = causal_lm_loss(logits, labels, num_items_in_batch=1)
+            self._sum = float(loss_sum.detach())
+            if self.token_weighted:
+                return super().loss(logits, labels)
+            return loss_sum / max(1, int((labels[:, 1:] != IGNORE_INDEX).sum()))
 
         def training_step(self, batch, batch_idx):
             n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-            if self.token_weighted:
-                out = self(batch)
-                loss_sum = causal_lm_loss(out.logits, batch["labels"], num_items_in_batch=1)
-                loss = distributed_token_mean(loss_sum, n)
-                total = float(loss_sum.detach())
-            else:
-                loss = super().training_step(batch, batch_idx)
-                total = float(loss.detach()) * n
+            loss = super().training_step(batch, batch_idx)
             self.records.append({"step": int(self.global_step), "epoch": int(self.current_epoch),
-                                 "ids": [str(i) for i in batch["sample_id"]], "n": n, "sum": total})
+                                 "ids": [str(i) for i in batch["sample_id"]], "n": n, "sum": self._sum})
             return loss
 
     return RecordingSFT

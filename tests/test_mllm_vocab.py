@@ -241,3 +241,30 @@ def test_column_statistics_match_torch_in_chunks():
     mean, std = column_statistics(m, chunk_rows=97)
     torch.testing.assert_close(mean, m.float().mean(0), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(std, m.float().std(0), atol=1e-5, rtol=1e-5)
+
+
+def test_code_rows_from_codebooks_keep_the_codebook_geometry():
+    from samtok.mllm.models import TinyModelConfig, build_tiny
+    from samtok.mllm.vocab import init_code_rows_from_codebooks, mask_code_token_ids, mask_token_ids
+
+    model, proc = build_tiny(TinyModelConfig(hidden_size=64), corpus=["segment the red star", "No target."])
+    tok = proc.tokenizer
+    emb = model.get_input_embeddings().weight
+    before = emb.detach().clone()
+    g = torch.Generator().manual_seed(1)
+    books = [torch.randn(256, 32, generator=g), 0.1 * torch.randn(256, 32, generator=g)]
+    assert init_code_rows_from_codebooks(model, tok, books) == 512
+    ids = mask_code_token_ids(tok)
+    start, end = mask_token_ids(tok)[0], mask_token_ids(tok)[-1]
+    assert torch.equal(emb[start], before[start]) and torch.equal(emb[end], before[end])
+    assert torch.equal(emb[:start], before[:start])  # text rows untouched
+    rows = emb[ids].float()
+    text_norm = before[:start].float().norm(dim=1).median()
+    torch.testing.assert_close(rows.norm(dim=1), text_norm.expand(512), rtol=1e-4, atol=1e-4)
+    # an orthonormal map preserves angles between centred code vectors (up to the norm rescaling)
+    for d in range(2):
+        v = books[d] - books[d].mean(0)
+        cos_books = torch.nn.functional.normalize(v, dim=1) @ torch.nn.functional.normalize(v, dim=1).t()
+        r = torch.nn.functional.normalize(rows[d * 256:(d + 1) * 256], dim=1)
+        torch.testing.assert_close(r @ r.t(), cos_books, rtol=1e-3, atol=1e-3)
+    assert model.get_output_embeddings().weight.data_ptr() == emb.data_ptr()  # still tied
