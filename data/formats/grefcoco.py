@@ -26,16 +26,15 @@ from typing import Iterator, Mapping, Sequence
 from samtok.data.records import ImageRecord, ReferringSample, RecordError
 
 from .coco import CocoIndex, category_table
-from .json_fields import describe, expect_type, file_id, id_text, optional, require, require_id, write_json
+from .json_fields import expect_type, file_id, id_text, optional, require, write_json
 from .refer import (
     category_id_of,
     check_target,
     group_consecutive,
-    load_refs,
+    iter_refs,
     ref_file_name,
     ref_sentence_dicts,
     ref_sentences,
-    split_filter,
     split_of,
 )
 
@@ -78,16 +77,8 @@ def read_grefcoco_samples(
     sentence_key: str = "sent",
 ) -> Iterator[ReferringSample]:
     """Stream one generalized :class:`ReferringSample` per sentence of the refs in ``split``."""
-    refs_path = Path(refs_path)
     index = instances if isinstance(instances, CocoIndex) else CocoIndex.load(instances)
-    wanted = split_filter(split)
-    for k, ref in enumerate(load_refs(refs_path)):
-        where = describe(refs_path, f"refs[{k}]")
-        ref_id = require_id(ref, "ref_id", where)
-        where = describe(refs_path, f"refs[{k}] (ref_id {ref_id})")
-        if wanted is not None and require(ref, "split", str, where) not in wanted:
-            continue
-        image_id = require_id(ref, "image_id", where)
+    for ref, image_id, where in iter_refs(refs_path, split):
         if image_id not in index.image_ids:
             raise RecordError(f"{where}: image_id {image_id} is not in {index.path}")
         targets = ref_target_ids(ref, where)

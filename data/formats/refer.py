@@ -88,6 +88,20 @@ def check_target(index: CocoIndex, ann_id: str, image_id: str, where: str) -> No
         raise RecordError(f"{where}: ann_id {ann_id} belongs to image {owner}, not to image_id {image_id}")
 
 
+def iter_refs(refs_path: str | Path, split: str | Sequence[str] | None) -> Iterator[tuple[dict, str, str]]:
+    """``(ref, image_id, where)`` for every ref of ``refs_path`` in ``split`` (refer and gRefCOCO
+    layouts alike); ``where`` names the file, the ref's index and its ``ref_id`` for error messages."""
+    refs_path = Path(refs_path)
+    wanted = split_filter(split)
+    for k, ref in enumerate(load_refs(refs_path)):
+        where = describe(refs_path, f"refs[{k}]")
+        ref_id = require_id(ref, "ref_id", where)
+        where = describe(refs_path, f"refs[{k}] (ref_id {ref_id})")
+        if wanted is not None and require(ref, "split", str, where) not in wanted:
+            continue
+        yield ref, require_id(ref, "image_id", where), where
+
+
 def read_refer_samples(
     refs_path: str | Path,
     instances: CocoIndex | str | Path,
@@ -96,17 +110,8 @@ def read_refer_samples(
     sentence_key: str = "sent",
 ) -> Iterator[ReferringSample]:
     """Stream one single-target :class:`ReferringSample` per sentence of the refs in ``split``."""
-    refs_path = Path(refs_path)
     index = instances if isinstance(instances, CocoIndex) else CocoIndex.load(instances)
-    wanted = split_filter(split)
-    for k, ref in enumerate(load_refs(refs_path)):
-        where = describe(refs_path, f"refs[{k}]")
-        ref_id = require_id(ref, "ref_id", where)
-        where = describe(refs_path, f"refs[{k}] (ref_id {ref_id})")
-        ref_split = require(ref, "split", str, where)
-        if wanted is not None and ref_split not in wanted:
-            continue
-        image_id = require_id(ref, "image_id", where)
+    for ref, image_id, where in iter_refs(refs_path, split):
         raw_ann = require(ref, "ann_id", (int, str, list), where)
         if isinstance(raw_ann, list):  # some re-releases wrap the single target in a list
             if len(raw_ann) != 1:
