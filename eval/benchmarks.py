@@ -271,6 +271,7 @@ class LanguageBenchmark(Benchmark):
             "image_size": list(pred.image_size),
             "prompt": readable(user, codec.parse(user).spans),
             "answer": prompt.answer,
+            "answer_codes": [list(c) for c in codec.parse_codes(prompt.answer)],
             "targets": list(prompt.targets[-1]) if prompt.targets else [],
             "text": pred.text,
             "readable": pred.readable_text,
@@ -318,6 +319,30 @@ class ReferringBenchmark(LanguageBenchmark):
 
     kind = "refcoco"
 
+    @staticmethod
+    def span_match_stats(results: list[dict]) -> dict[str, float]:
+        """How often the answer's mask words are exactly the reference answer's, before any decoding.
+
+        ``span_exact``: every span of the answer is valid (and was decoded) and the set of its code
+        pairs equals the reference's; a no-target reference needs the ``No target.`` answer itself
+        (garbage without spans does not count). ``first_code_exact``: the same on first codes.
+        Reference codes are parsed with the evaluated tokenizer's codec (``answer_codes``).
+        """
+        n = max(1, len(results))
+        exact = first = 0
+        for r in results:
+            gt = {tuple(c) for c in r["answer_codes"]}
+            if not gt:
+                ok = ok_first = bool(r["no_target_answer"]) and r["num_spans"] == 0
+            else:
+                complete = r["num_spans"] == len(r["codes"])  # no invalid span, none left undecoded
+                pred = {tuple(c) for c in r["codes"]}
+                ok = complete and pred == gt
+                ok_first = complete and {c[0] for c in pred} == {c[0] for c in gt}
+            exact += int(ok)
+            first += int(ok_first)
+        return {"span_exact": exact / n, "first_code_exact": first / n}
+
     def wants(self, s) -> bool:
         return isinstance(s, ReferringSample) and not s.generalized
 
@@ -336,7 +361,8 @@ class ReferringBenchmark(LanguageBenchmark):
             gt = union_masks(self.gt_masks(self.items[r["index"]].sample, r["targets"]), tuple(size))
             metric.update([pred], [gt])
             per_item.append(mask_iou(pred, gt))
-        return Scores({**metric.compute(), **self.generation_stats(results)}, per_item)
+        return Scores({**metric.compute(), **self.span_match_stats(results), **self.generation_stats(results)},
+                      per_item)
 
 
 class GeneralizedReferringBenchmark(ReferringBenchmark):
@@ -358,7 +384,7 @@ class GeneralizedReferringBenchmark(ReferringBenchmark):
             gt = union_masks(self.gt_masks(self.items[r["index"]].sample, r["targets"]), tuple(size))
             metric.update([pred], [gt])
             per_item.append(mask_iou(pred, gt) if gt.any() else float(not pred.any()))
-        stats = self.generation_stats(results)
+        stats = {**self.span_match_stats(results), **self.generation_stats(results)}
         stats["no_target_answers"] = float(sum(1 for r in results if r["no_target_answer"]))
         return Scores({**metric.compute(), **stats}, per_item)
 

@@ -184,11 +184,23 @@ class ModelSpec:
         model (`str` or `None`, defaults to `None`): QwenVL-SAMTok model directory; `None`: a
             tokenizer-only entry (only the tokenizer benchmark runs for it).
         tokenizer (`str`, defaults to `"runs/tokenizer/final"`): SAMTok tokenizer directory.
+        baseline (`str` or `None`, defaults to `None`): instead of a model, a constant answer scored
+            by the same code on the language benchmarks: `"no_target"` (always ``No target.``) or
+            `"majority_span"` (always the most frequent code pair of `pretokenized`, as one mask).
+        pretokenized (`str` or `None`, defaults to `None`): the pre-tokenized table whose most
+            frequent code pair `baseline: majority_span` answers with.
     """
 
     name: str = "model"
     model: Optional[str] = None
     tokenizer: str = "runs/tokenizer/final"
+    baseline: Optional[str] = None
+    pretokenized: Optional[str] = None
+
+    @property
+    def answers(self) -> bool:
+        """Whether this entry answers prompts (a model or a constant-answer baseline)."""
+        return self.model is not None or self.baseline is not None
 
 
 def _synthetic(split: str = "val") -> DataSpec:
@@ -231,6 +243,10 @@ class EvalConfig:
     seed: int = 0
 
 
+BASELINE_ANSWERS = ("no_target", "majority_span")
+"""The constant answers a ``models`` entry may give instead of a model (``ModelSpec.baseline``)."""
+
+
 def check_config(cfg: EvalConfig) -> None:
     """Semantic checks the schema cannot express (kinds, names, choices)."""
     from samtok.core.config import ConfigError
@@ -244,6 +260,17 @@ def check_config(cfg: EvalConfig) -> None:
     names = [m.name for m in cfg.models]
     if len(set(names)) != len(names):
         raise ConfigError(f"models: names must be unique, got {names}")
+    for m in cfg.models:
+        if m.baseline is None:
+            if m.pretokenized is not None:
+                raise ConfigError(f"models[{m.name}].pretokenized is only read by 'baseline: majority_span'")
+            continue
+        if m.baseline not in BASELINE_ANSWERS:
+            raise ConfigError(f"models[{m.name}].baseline must be one of {', '.join(BASELINE_ANSWERS)}, got {m.baseline!r}")
+        if m.model is not None:
+            raise ConfigError(f"models[{m.name}]: give either 'model' or 'baseline', not both")
+        if m.baseline == "majority_span" and not m.pretokenized:
+            raise ConfigError(f"models[{m.name}]: baseline 'majority_span' needs 'pretokenized' (a pre-tokenized table)")
     if cfg.generation.res_mask not in ("first", "union"):
         raise ConfigError(f"generation.res_mask must be 'first' or 'union', got {cfg.generation.res_mask!r}")
     for b in cfg.benchmarks:

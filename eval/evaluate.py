@@ -52,15 +52,27 @@ class EngineSpec:
     max_masks: Optional[int] = None
     system_prompt: Optional[str] = None
     max_prompt_length: Optional[int] = None
+    baseline: Optional[str] = None  # a constant-answer baseline (ModelSpec.baseline) instead of a model
+    pretokenized: Optional[str] = None  # its table, for baseline "majority_span"
 
     @classmethod
     def of(cls, model: ModelSpec, cfg: EvalConfig, tokenizer_only: bool) -> "EngineSpec":
         g, r = cfg.generation, cfg.runner
         return cls(model=None if tokenizer_only else model.model, tokenizer=model.tokenizer, dtype=r.dtype,
                    attn_implementation=r.attn_implementation, batch_size=g.batch_size, max_masks=g.max_masks,
-                   system_prompt=g.system_prompt, max_prompt_length=g.max_prompt_length)
+                   system_prompt=g.system_prompt, max_prompt_length=g.max_prompt_length,
+                   baseline=None if tokenizer_only else model.baseline, pretokenized=model.pretokenized)
 
     def __call__(self, device: torch.device):
+        if self.baseline is not None:
+            from samtok.mllm.inference import NO_TARGET_ANSWER
+            from samtok.mllm.validation import ConstantAnswerPredictor, majority_span_answer
+            from samtok.tokenizer.api import SAMTokenizer
+
+            tok = SAMTokenizer.from_pretrained(self.tokenizer, device=device)
+            answer = (NO_TARGET_ANSWER if self.baseline == "no_target"
+                      else majority_span_answer(self.pretokenized, tok.codec))
+            return ConstantAnswerPredictor(tok, answer)
         if self.model is None:
             from samtok.tokenizer.api import SAMTokenizer
 
@@ -112,7 +124,7 @@ def evaluate_benchmark(
     benchmark = benchmark or make_benchmark(bench, cfg)
     t_loaded = time.perf_counter()
     tokenizer_only = not benchmark.uses_model
-    if not tokenizer_only and model.model is None and engine_factory is None:
+    if not tokenizer_only and not model.answers and engine_factory is None:
         raise SamtokError(f"benchmark {bench.title} needs a language model but {model.name!r} has none")
     factory = engine_factory or EngineSpec.of(model, cfg, tokenizer_only)
     # generation.batch_size: prompts per batch (images per batch for the tokenizer benchmark)
@@ -146,7 +158,8 @@ def evaluate_benchmark(
         "benchmark": bench.benchmark,
         "name": bench.title,
         "model": {"name": model.name, "path": None if tokenizer_only else model.model,
-                  "fingerprint": None if tokenizer_only else dir_fingerprint(model.model)},
+                  "fingerprint": None if tokenizer_only else dir_fingerprint(model.model),
+                  "baseline": None if tokenizer_only else model.baseline},
         "tokenizer": {"path": model.tokenizer, "fingerprint": _tokenizer_fingerprint(model.tokenizer)},
         "data": to_dict(bench.data),
         "num_samples": benchmark.num_samples,
@@ -183,18 +196,21 @@ def evaluate_benchmark(
 
 def planned_runs(cfg: EvalConfig) -> list[tuple[ModelSpec, BenchmarkConfig]]:
     """Every (model, benchmark) pair that applies, benchmark by benchmark in config order: language
-    benchmarks for models with a ``model`` directory, the tokenizer benchmark once per distinct
-    tokenizer directory (the first model naming it)."""
+    benchmarks for entries that answer (a ``model`` directory or a constant-answer ``baseline``),
+    the tokenizer benchmark once per distinct tokenizer directory (the first non-baseline entry
+    naming it)."""
     runs = []
     for bench in cfg.benchmarks:
         seen_tokenizers: set[str] = set()
         for model in cfg.models:
             if bench.benchmark == "tokenizer":
+                if model.baseline is not None:
+                    continue
                 key = str(Path(model.tokenizer).resolve())
                 if key not in seen_tokenizers:
                     seen_tokenizers.add(key)
                     runs.append((model, bench))
-            elif model.model is not None:
+            elif model.answers:
                 runs.append((model, bench))
     return runs
 

@@ -218,8 +218,8 @@ def report_markdown(report: dict) -> str:
 
 
 SUMMARY_METRICS: dict[str, list[str]] = {
-    "refcoco": ["cIoU", "gIoU", "Pr@0.5"],
-    "gres": ["gIoU", "cIoU", "N-acc", "T-acc"],
+    "refcoco": ["cIoU", "gIoU", "Pr@0.5", "span_exact"],
+    "gres": ["gIoU", "cIoU", "N-acc", "T-acc", "span_exact"],
     "gcg": ["AP50", "mIoU", "recall", "METEOR (exact-match only)", "CIDEr-D"],
     "region_caption": ["CIDEr-D", "METEOR (exact-match only)", "ROUGE-L", "BLEU-4"],
     "mr_seg": ["cIoU", "gIoU"],

@@ -88,6 +88,7 @@ class GenerationValSettings:
     max_samples: int = 64  # per task
     max_new_tokens: int = 96
     baselines: bool = True  # also score "most frequent span" and "No target." answers
+    train_examples: int = 0  # >0: greedy exact span match on this many TRAINING examples (the plumbing check)
 
 
 def parameter_group(name: str) -> str:

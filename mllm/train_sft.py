@@ -140,7 +140,16 @@ def train_sft(cfg: SFTConfig) -> dict:
     if trainer.is_global_zero:
         if cfg.generation_val.enabled:
             summary["generation"] = validate_by_generation(out / "final", cfg)
+            log_generation(trainer, out / "val_generation" / "model", summary["generation"])
+        if cfg.generation_val.train_examples > 0:
+            from samtok.mllm.validation import training_set_exact_match
+
+            summary["training_set"] = training_set_exact_match(
+                out / "final", dm.train_set, cfg.generation_val.train_examples,
+                batch_size=cfg.data.batch_size, max_new_tokens=cfg.generation_val.max_new_tokens,
+                device=str(trainer.strategy.root_device))
         _write_summary(out, summary)
+        print_results(summary, cfg)
     return summary
 
 
@@ -169,6 +178,39 @@ def validate_by_generation(model_dir: Path, cfg: SFTConfig) -> dict[str, float]:
     log.info("generation validation in %.1f min: %s", (time.time() - t0) / 60,
              ", ".join(f"{k} {v:.3f}" for k, v in sorted(results.items()) if "/" in k and "baseline" not in k))
     return results
+
+
+def log_generation(trainer, reports: Path, results: dict[str, float]) -> None:
+    """The generation metrics and the report figures (best / worst predictions: image, decoded
+    masks, prompt and answer text) into TensorBoard at the final step."""
+    import numpy as np
+    from PIL import Image
+
+    logger = trainer.logger
+    if logger is None or not hasattr(logger.experiment, "add_image"):
+        return
+    writer, step = logger.experiment, trainer.global_step
+    for key, value in results.items():
+        writer.add_scalar(f"generation/{key}", value, step)
+    for png in sorted(reports.glob("*/*.png")):
+        if png.stem in ("best", "worst"):
+            image = np.asarray(Image.open(png).convert("RGB"))
+            writer.add_image(f"predictions/{png.parent.name}_{png.stem}", image, step, dataformats="HWC")
+    writer.flush()
+
+
+def print_results(summary: dict, cfg: SFTConfig) -> None:
+    """The validation metrics next to their baselines, on stdout (also in ``summary.json``)."""
+    from samtok.mllm.validation import baseline_table, code_majority
+
+    majority = code_majority(cfg.data.pretokenized) if cfg.data.pretokenized else None
+    print(f"\nSFT validation after {summary['steps']} steps ({summary['minutes']:.1f} min):")
+    if summary.get("generation") or summary.get("teacher_forced"):
+        print(baseline_table(summary.get("generation", {}), summary.get("teacher_forced"), majority))
+    t = summary.get("training_set")
+    if t:
+        print(f"training set ({int(t['train/examples'])} examples, training prompts, greedy): spans exact in order "
+              f"{t['train/spans_in_order_exact']:.3f}, first codes {t['train/first_codes_in_order_exact']:.3f}")
 
 
 def _write_summary(out: Path, summary: dict) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from samtok.core.runtime import get_logger
-from samtok.mllm.inference import Completion, SamtokPredictor
+from samtok.mllm.inference import NO_TARGET_ANSWER, Completion, SamtokPredictor
 
 log = get_logger("mllm.validation")
 
@@ -47,6 +47,16 @@ class ValidationSpec:
     batch_size: int = 16
     baselines: bool = True
     pretokenized: Optional[str] = None  # for the majority span
+
+
+def majority_span_answer(pretokenized: str, codec=None) -> str:
+    """The answer text of the ``majority_span`` baseline: the most frequent code pair as one mask
+    (``codec``: the evaluated tokenizer's, for its codebook size)."""
+    from samtok.data.conversations import mask_answer
+    from samtok.tokenizer.codec import MaskCodec
+
+    c0, c1 = majority_span(pretokenized)
+    return mask_answer([((codec or MaskCodec()).format(c0, c1), "object")])
 
 
 def majority_span(pretokenized: str) -> tuple[int, int]:
@@ -98,11 +108,8 @@ def generation_validation(model_dir: str | Path, spec: ValidationSpec, out_dir: 
     answers = {}
     if spec.baselines:
         if spec.pretokenized:
-            c0, c1 = majority_span(spec.pretokenized)
-            from samtok.data.conversations import mask_answer
-
-            answers["majority_span"] = mask_answer([(tok.codec.format(c0, c1), "object")])
-        answers["no_target"] = "No target."
+            answers["majority_span"] = majority_span_answer(spec.pretokenized, tok.codec)
+        answers["no_target"] = NO_TARGET_ANSWER
     for bench in cfg.benchmarks:
         benchmark = make_benchmark(bench, cfg)
         report = evaluate_benchmark(cfg, bench, cfg.models[0], out / "model" / bench.title, benchmark=benchmark)
@@ -115,3 +122,100 @@ def generation_validation(model_dir: str | Path, spec: ValidationSpec, out_dir: 
             if rep:
                 results.update(_flatten(rep, f"baseline/{name}/"))
     return results
+
+
+TABLE_ROWS = (
+    ("res/cIoU", "RES cIoU"), ("res/gIoU", "RES gIoU"), ("res/span_exact", "RES span exact"),
+    ("res/first_code_exact", "RES first code exact"),
+    ("gres/gIoU", "GRES gIoU"), ("gres/cIoU", "GRES cIoU"), ("gres/N-acc", "GRES N-acc"),
+    ("gres/T-acc", "GRES T-acc"), ("gres/span_exact", "GRES span exact"),
+)
+"""The generation metrics of :func:`baseline_table`, in order (key in the flat results, row name)."""
+
+
+def code_majority(pretokenized: str) -> dict[str, float]:
+    """Teacher-forced baselines of the code accuracies: the share of the most frequent first / second
+    code in the pre-tokenized table (what always writing that code scores) and uniform chance."""
+    from samtok.data.pretokenize import load_pretokenized
+
+    ds = load_pretokenized(pretokenized)
+    out = {}
+    for name, column in (("acc_c0", "c0"), ("acc_c1", "c1")):
+        values = [v for v in ds[column] if v >= 0]
+        counts = Counter(values)
+        out[name] = counts.most_common(1)[0][1] / len(values) if values else float("nan")
+    return out
+
+
+def baseline_table(generation: dict[str, float], teacher_forced: Optional[dict[str, float]] = None,
+                   majority_codes: Optional[dict[str, float]] = None, codebook_size: int = 256) -> str:
+    """A plain-text table of the model's validation metrics next to the baselines scored by the
+    same code: the most frequent code pair as the answer, always ``No target.``, and — for the
+    teacher-forced code accuracies — the most frequent code and uniform chance."""
+    cols = ("model", "majority span", "No target.", "chance")
+    rows: list[tuple[str, list[Optional[float]]]] = []
+    for name in ("acc_c0", "acc_c1"):
+        if teacher_forced and f"val/{name}" in teacher_forced:
+            majority = (majority_codes or {}).get(name)
+            rows.append((f"teacher-forced {name} (val)",
+                         [teacher_forced[f"val/{name}"], majority, None, 1.0 / codebook_size]))
+    for key, label in TABLE_ROWS:
+        if key in generation:
+            rows.append((label, [generation.get(key), generation.get(f"baseline/majority_span/{key}"),
+                                 generation.get(f"baseline/no_target/{key}"), None]))
+    width = max([len("metric")] + [len(r[0]) for r in rows])
+    fmt = lambda v: f"{v:>13.3f}" if isinstance(v, float) and v == v else f"{'-':>13}"  # noqa: E731
+    lines = [f"{'metric'.ljust(width)}  " + "  ".join(f"{c:>13}" for c in cols)]
+    lines += [f"{label.ljust(width)}  " + "  ".join(fmt(None if v is None else float(v)) for v in vals)
+              for label, vals in rows]
+    return "\n".join(lines)
+
+
+def exact_span_match(model, processor, examples: Sequence[tuple[list[dict], list, str]], batch_size: int = 16,
+                     max_new_tokens: int = 96) -> dict[str, float]:
+    """Greedy answers of ``model`` to ``(prompt messages, images, reference answer)`` triples: the
+    share whose valid mask spans are the reference's, code pair by code pair IN ORDER (stricter than
+    the set comparison of the benchmarks' ``span_exact``), and the same on first codes."""
+    import torch
+
+    from samtok.mllm.generation import SamplingConfig, generate
+    from samtok.mllm.sequences import build_prompt_example, generation_collator
+    from samtok.tokenizer.codec import MaskCodec
+
+    model.eval()
+    codec = MaskCodec()
+    collate = generation_collator(processor)
+    exact = first = 0
+    for lo in range(0, len(examples), batch_size):
+        chunk = examples[lo:lo + batch_size]
+        prompts = [build_prompt_example(processor, messages, images) for messages, images, _ in chunk]
+        with torch.no_grad():
+            out = generate(model, processor, collate(prompts), SamplingConfig(max_new_tokens=max_new_tokens))
+        for (_, _, answer), text in zip(chunk, out.texts):
+            gt, pred = codec.parse_codes(answer), codec.parse_codes(text)
+            exact += int(gt == pred)
+            first += int([c[0] for c in gt] == [c[0] for c in pred])
+    n = max(1, len(examples))
+    return {"examples": float(len(examples)), "spans_in_order_exact": exact / n, "first_codes_in_order_exact": first / n}
+
+
+def training_set_exact_match(model_dir: str | Path, dataset, num_examples: int, batch_size: int = 16,
+                             max_new_tokens: int = 96, device: Optional[str] = None,
+                             dtype: str = "auto") -> dict[str, float]:
+    """The plumbing check: :func:`exact_span_match` of the SAVED model on the first ``num_examples``
+    training examples, with the very prompts it was trained on (``dataset``: the SFT datamodule's
+    ``train_set``).
+
+    A model that cannot reproduce answers it was trained on until its loss is near zero points at
+    a bug in labels, masking, embeddings, saving or generation, not at a lack of training.
+    """
+    from samtok.data.conversations import example_images, prompt_only
+    from samtok.mllm.models import load_model_and_processor
+
+    model, processor = load_model_and_processor(str(model_dir), dtype=dtype, device=device)
+    n = min(int(num_examples), len(dataset))
+    examples = []
+    for j in range(n):
+        e = dataset.chat_example(j)
+        examples.append((prompt_only(e).messages, example_images(e), e.answer))
+    return {f"train/{k}": v for k, v in exact_span_match(model, processor, examples, batch_size, max_new_tokens).items()}

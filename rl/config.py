@@ -165,8 +165,8 @@ class RLEvalSettings:
 
     Both are evaluated from their directories (`model_dir`, then `out_dir/final`) with the
     benchmarks of `samtok eval` (greedy decoding), reports under `out_dir/eval/{before,after}/`.
-    The mean reward of the greedy answers (same reward as training) is added to each benchmark's
-    metrics. Runs on global rank 0 only; a `before` report of the same model is reused on resume.
+    The mean reward of the greedy answers (the training reward without its decoded-mask `iou`
+    component; answer matching when `iou` is the only one) is added to each benchmark's metrics. Runs on global rank 0 only; a `before` report of the same model is reused on resume.
 
     Parameters:
         enabled (`bool`, defaults to `True`):
@@ -240,7 +240,9 @@ class GRPOConfig:
         loss (`GRPOLossConfig`, defaults: G 8, beta 0.01, ε 0.2/0.2, `grpo` aggregation, group std scaling):
             The objective (samtok.rl.grpo); `num_generations` is the group size G.
         reward (`RewardSpec`, defaults to answer matching alone, the paper's reward):
-            Components and weights (samtok.rl.rewards); the `iou` component is not available here.
+            Components and weights (samtok.rl.rewards). The `iou` component decodes every span with
+            the model's mask tokenizer (needs `image_column: images`; reference masks are the decoded
+            reference spans); evaluations then report the textual reward without it.
         optim (`OptimSettings`, defaults to lr 1e-6, weight decay 0.01, betas (0.9, 0.999), 5 % warm-up, cosine):
             AdamW and its schedule over `trainer.max_steps` optimiser steps.
         eval (`RLEvalSettings`): the before/after evaluation.
@@ -319,8 +321,12 @@ def check_grpo_config(cfg: GRPOConfig) -> None:
         raise ConfigError(f"trainer.max_steps ({t.max_steps}) counts optimiser steps and must be a multiple of "
                           f"grpo.num_iterations ({g.num_iterations})")
     if cfg.reward.weights.iou != 0.0:
-        raise ConfigError("reward.weights.iou: the decoded-mask IoU reward is not wired into `samtok rl` (it needs a "
-                          "SAM 2 decode per completion); use answer_matching / partial_credit / gcg_phrase")
+        if cfg.reward.image_column != "images":
+            raise ConfigError("reward.weights.iou: `samtok rl` gives the IoU reward each prompt's images in the column "
+                              f"'images'; set reward.image_column: images (got {cfg.reward.image_column!r})")
+        if cfg.reward.gt_mask_column is not None:
+            raise ConfigError("reward.gt_mask_column: `samtok rl` scores the IoU reward against the decoded reference "
+                              "spans (code-space IoU); leave it null")
     if cfg.eval.enabled and not cfg.eval.benchmarks:
         raise ConfigError("eval.enabled is true but eval.benchmarks is empty")
     if cfg.eval.dtype not in ("auto", "float32", "bfloat16", "float16"):

@@ -99,14 +99,38 @@ def load_policy(cfg: GRPOConfig):
     return model, processor, reference, desc
 
 
-def build_module(cfg: GRPOConfig, model, processor, reference, reward_fn=None):
+def textual_reward_spec(spec):
+    """``spec`` without the decoded-mask IoU component (what evaluations score greedy answers with;
+    answer matching alone when IoU was the only component)."""
+    from dataclasses import replace
+
+    from samtok.rl.rewards import COMPONENTS
+
+    if spec.weights.iou == 0.0:
+        return spec
+    weights = replace(spec.weights, iou=0.0)
+    if not any(getattr(weights, k) for k in COMPONENTS):
+        weights = replace(weights, answer_matching=1.0)
+    return replace(spec, weights=weights)
+
+
+def build_module(cfg: GRPOConfig, model, processor, reference, reward_fn=None, tokenizer_dir=None):
     """The :class:`GRPOLightningModule` of ``cfg`` around a prepared policy."""
     from samtok.data.mixture import load_mixture_config
     from samtok.rl.algorithm import GRPOAlgorithm
     from samtok.rl.lightning import GRPOLightningModule
     from samtok.rl.rewards import build_reward_fn
 
-    reward_fn = reward_fn or build_reward_fn(cfg.reward, tokenizer=processor.tokenizer)
+    decode = None
+    if reward_fn is None and cfg.reward.weights.iou != 0.0:
+        from samtok.rl.mask_decode import TokenizerMaskDecoder
+        from samtok.tokenizer.api import SAMTokenizer
+
+        if tokenizer_dir is None:
+            raise SamtokError("the iou reward needs the mask tokenizer directory")
+        device = next(model.parameters()).device
+        decode = TokenizerMaskDecoder(SAMTokenizer.from_pretrained(tokenizer_dir, device=device))
+    reward_fn = reward_fn or build_reward_fn(cfg.reward, decode=decode, tokenizer=processor.tokenizer)
     no_target = load_mixture_config(cfg.data.mixture).conversation.no_target_answer
     algo = GRPOAlgorithm(model, processor, reward_fn, loss_config(cfg), sampling_config(cfg),
                          num_iterations=cfg.grpo.num_iterations, micro_batch_size=cfg.grpo.micro_batch_size,
@@ -275,7 +299,7 @@ def train_rl(cfg: GRPOConfig) -> dict:
         torch.set_num_threads(cfg.trainer.threads)
     t0 = time.time()
     tokenizer_dir = mask_tokenizer_for(cfg.model_dir, cfg.mask_tokenizer)
-    eval_reward = build_reward_fn(cfg.reward)
+    eval_reward = build_reward_fn(textual_reward_spec(cfg.reward))
     rank0 = _global_rank() == 0
     before: dict[str, Any] = {}
     if cfg.eval.enabled and rank0:
@@ -286,7 +310,7 @@ def train_rl(cfg: GRPOConfig) -> dict:
 
     model, processor, reference, desc = load_policy(cfg)
     log.info("policy %s", desc)
-    module = build_module(cfg, model, processor, reference)
+    module = build_module(cfg, model, processor, reference, tokenizer_dir=tokenizer_dir)
     dm = build_datamodule(cfg, processor, tokenizer_dir)
     callbacks = ([StepProgress(cfg.trainer.max_steps if cfg.trainer.max_steps > 0 else None, "rl", ("train/reward",))]
                  if cfg.progress_bar else [])

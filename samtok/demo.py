@@ -92,10 +92,20 @@ def _print_summary(timings: list[tuple[str, str, float]], seconds: float) -> Non
     if tok:
         print(f"  tokenizer: val rMaskIoU {tok.get('val/rMaskIoU', float('nan')):.3f} "
               f"(first code only {tok.get('val/rMaskIoU_first_code', float('nan')):.3f})")
-    for stage in ("sft", "rl"):
-        gen = _load(f"runs/{stage}/summary.json").get("generation", {})
-        if gen:
-            shown = ", ".join(f"{k} {v:.3f}" for k, v in sorted(gen.items()) if isinstance(v, (int, float)))
-            print(f"  {stage}: {shown}")
+    sft = _load("runs/sft/summary.json").get("generation", {})
+    if sft:
+        print("  sft (held-out val; in brackets: always the most frequent span / always 'No target.'):")
+        for key in ("res/cIoU", "res/gIoU", "gres/gIoU", "gres/cIoU", "gres/N-acc", "gres/T-acc"):
+            if isinstance(sft.get(key), (int, float)) and sft[key] == sft[key]:  # present and not NaN
+                base = [sft.get(f"baseline/{b}/{key}") for b in ("majority_span", "no_target")]
+                shown = " / ".join("-" if v is None or v != v else f"{v:.3f}" for v in base)
+                print(f"    {key:12s} {sft[key]:.3f}  [{shown}]")
+    rl = _load("runs/rl/summary.json")
+    if rl.get("before") and rl.get("after"):
+        print("  rl (GRES val, before -> after):")
+        for key in ("gIoU", "cIoU", "N-acc", "T-acc", "mean_reward"):
+            b, a = rl["before"].get(key), rl["after"].get(key)
+            if isinstance(b, (int, float)) and isinstance(a, (int, float)) and a == a and b == b:
+                print(f"    {key:12s} {b:.3f} -> {a:.3f} ({a - b:+.3f})")
     print("  artefacts: runs/synth/preview.png, runs/tokenizer/final/, runs/pretok/, runs/sft/final/, "
           "runs/rl/final/, runs/eval/summary.md; TensorBoard: make tensorboard")

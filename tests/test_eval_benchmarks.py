@@ -88,8 +88,10 @@ def test_a_perfect_oracle_scores_perfectly(synth, tmp_path, kind):
         assert m["gIoU"] == m["cIoU"] == m["N-acc"] == m["T-acc"] == 1.0
         assert m["Pr@0.9"] == 1.0 and m["count"] == report["num_samples"]
         assert 0 < m["count_no_target"] < m["count"] and m["TP"] == m["count_no_target"] and m["FN"] == m["FP"] == 0
+        assert m["span_exact"] == m["first_code_exact"] == 1.0
     elif kind == "refcoco":
         assert m["cIoU"] == m["gIoU"] == m["Pr@0.9"] == 1.0 and m["count"] == report["num_samples"]
+        assert m["span_exact"] == m["first_code_exact"] == 1.0
     elif kind == "gcg":
         assert m["AP50"] == m["mIoU"] == m["recall"] == 1.0
         assert m["num_pred_masks"] == m["num_gt_masks"] > 0 and m["num_images"] == report["num_samples"]
@@ -105,6 +107,27 @@ def test_a_perfect_oracle_scores_perfectly(synth, tmp_path, kind):
     else:
         assert m["rMaskIoU"] == m["rMaskIoU_first_code"] == 1.0 and m["count"] > report["num_samples"]
     assert report["score"]["mean"] == 1.0
+
+
+def test_span_match_counts_sets_of_code_pairs_and_first_codes():
+    from samtok.eval.benchmarks import ReferringBenchmark
+
+    def result(gt, codes, num_spans=None, no_target=False):
+        return {"answer_codes": gt, "codes": codes, "num_spans": len(codes) if num_spans is None else num_spans,
+                "no_target_answer": no_target}
+
+    results = [
+        result([[1, 2]], [[1, 2]]),                            # exact
+        result([[1, 2]], [[1, 3]]),                            # first code only
+        result([[1, 2], [4, 5]], [[4, 5], [1, 2], [4, 5]]),    # same set, any order, repeats
+        result([], [], no_target=True),                        # the no-target answer
+        result([], [], no_target=False),                       # garbage without spans: not "No target."
+        result([], [[7, 7]]),                                  # a mask where none is
+        result([[1, 2]], []),                                  # no mask where one is
+        result([[1, 2]], [[1, 2]], num_spans=2),               # right span plus an invalid one
+    ]
+    stats = ReferringBenchmark.span_match_stats(results)
+    assert stats == {"span_exact": 3 / 8, "first_code_exact": 4 / 8}
 
 
 # ------------------------------------------------------------------------------------------ tiny random model

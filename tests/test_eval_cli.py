@@ -133,12 +133,50 @@ def test_config_run_compares_models_in_summary_md(synth, dirs, tmp_path):
     assert rc == 2 and "need --benchmark" in err
 
 
+def test_constant_answer_baselines_run_beside_models_and_score_as_defined(synth, dirs, tmp_path):
+    cfg = {
+        "out_dir": str(tmp_path / "eval"),
+        "models": [{"name": "never", "baseline": "no_target", "tokenizer": str(dirs / "tok")}],
+        "benchmarks": [{"benchmark": b, "max_samples": 6, "data": {"kind": "synthetic",
+                                                                   "args": {"root": str(synth), "split": "test"}}}
+                       for b in ("gres", "refcoco", "tokenizer")],
+        "runner": {"lightning": False}, "baselines": {"enabled": False}, "report": {"num_examples": 1},
+    }
+    path = tmp_path / "eval.yaml"
+    path.write_text(json.dumps(cfg))
+    rc, out, err = _run(["eval", "--config", str(path)])
+    assert rc == 0, err
+    runs = {r["benchmark"]: r for r in json.loads((tmp_path / "eval" / "summary.json").read_text())["runs"]}
+    assert set(runs) == {"gres", "refcoco"}  # a baseline has no tokenizer benchmark
+    gres, res = runs["gres"]["metrics"], runs["refcoco"]["metrics"]
+    assert 0 < gres["count_no_target"] < gres["count"]
+    assert gres["N-acc"] == 1.0 and gres["T-acc"] == 0.0 and gres["no_target_answers"] == gres["count"]
+    assert gres["gIoU"] == pytest.approx(gres["count_no_target"] / gres["count"])
+    assert res["cIoU"] == res["gIoU"] == 0.0 and res["masks_per_answer"] == 0.0
+    report = json.loads((tmp_path / "eval" / "never" / "gres" / "report.json").read_text())
+    assert report["model"]["baseline"] == "no_target"
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"name": "b", "baseline": "always_yes"}, "baseline must be one of"),
+    ({"name": "b", "baseline": "majority_span"}, "needs 'pretokenized'"),
+    ({"name": "b", "baseline": "no_target", "model": "runs/sft/final"}, "either 'model' or 'baseline'"),
+    ({"name": "b", "model": "runs/sft/final", "pretokenized": "runs/pretok"}, "only read by 'baseline: majority_span'"),
+])
+def test_bad_baseline_entries_are_config_errors(entry, message):
+    cfg = load_config(EvalConfig)
+    cfg.models = [load_config(type(cfg.models[0]), None, [f"{k}={v}" for k, v in entry.items()])]
+    with pytest.raises(ConfigError, match=message):
+        check_config(cfg)
+
+
 def test_the_shipped_config_loads_and_uses_the_training_conversation():
     from samtok.data.mixture import load_mixture_config
 
     cfg = load_config(EvalConfig, REPO / "configs" / "eval" / "tiny.yaml")
     check_config(cfg)
-    assert [m.name for m in cfg.models] == ["tokenizer", "sft", "rl"]
+    assert [m.name for m in cfg.models] == ["tokenizer", "sft", "rl", "baseline_no_target", "baseline_majority_span"]
+    assert [m.baseline for m in cfg.models][3:] == ["no_target", "majority_span"]
     assert {b.benchmark for b in cfg.benchmarks} == {"refcoco", "gres", "gcg", "region_caption", "mr_seg", "tokenizer"}
     assert cfg.generation.max_new_tokens.gcg == 512 and cfg.generation.max_new_tokens.gres == 128
     assert conversation_config(cfg) == load_mixture_config(cfg.conversation_from).conversation

@@ -13,7 +13,10 @@ import torch
 
 from samtok.cli import main
 from samtok.core.config import ConfigError, load_config
+from samtok.core.errors import SamtokError
 from samtok.rl.config import GRPOConfig, check_grpo_config
+
+from llm_setup import build_llm_setup
 
 REPO = Path(__file__).resolve().parents[1]
 HEADLINE = ("gIoU", "cIoU", "N-acc", "T-acc", "mean_reward")
@@ -30,45 +33,14 @@ def _run(argv):
 def setup(tmp_path_factory):
     """Synthetic data, a micro mask tokenizer, a pre-tokenized table (made-up codes under the
     tokenizer's fingerprint) and a tiny "SFT" model directory recording that tokenizer."""
-    from samtok.data.mixture import crop_requests, load_mixture, load_mixture_config, stable_seed
-    from samtok.data.pretokenize import finalize, plan_units, tokenizer_fingerprint, write_shard
-    from samtok.data.synth import SplitSizes, SynthConfig, generate
     from samtok.mllm.export import save_trained_model
     from samtok.mllm.models import TinyModelConfig, build_tiny
-    from samtok.tokenizer.checkpoints import save_tokenizer_dir
-    from samtok.tokenizer.model import SAMTokModel, TokenizerModelConfig
-    from samtok.tokenizer.sam2_parts import SAM2Config
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("rl")
-    synth = root / "synth"
-    generate(SynthConfig(out_dir=str(synth), seed=0, splits=SplitSizes(train=6, val=3, test=0), progress=False),
-             splits=["train", "val"])
-    micro = SAM2Config(size="t", image_size=128, trunk_embed_dim=16, trunk_num_heads=1, trunk_stages=[1, 1, 2, 1],
-                       trunk_global_att_blocks=[3])
-    save_tokenizer_dir(SAMTokModel(TokenizerModelConfig(sam2=micro)), root / "tok")
-    mixture = root / "mixture.yaml"
-    mixture.write_text(f"""
-entries:
-  - {{name: gres, kind: synthetic, args: {{root: "{synth}", split: train}}, tasks: [gres], split: train}}
-  - {{name: gcg, kind: synthetic, args: {{root: "{synth}", split: train}}, tasks: [gcg], split: train}}
-  - {{name: val, kind: synthetic, args: {{root: "{synth}", split: val}}, tasks: [gres], split: val}}
-conversation: {{crop_min_side: 48, crop_min_short_side: 112}}
-""")
-    mix = load_mixture_config(mixture)
-    data = load_mixture(mix, ["train", "val"])
-    units = plan_units(data.images(), crop_requests(data), mix.conversation.crop_spec())
-    rows = {c: [] for c in ("source", "image_id", "ann_id", "c0", "c1")}
-    for u in units:
-        for k, _ in u.masks:
-            h = stable_seed(u.source, u.image_id, k)
-            for col, v in zip(rows, (u.source, u.image_id, k, h % 256, (h >> 8) % 256)):
-                rows[col].append(v)
-    fingerprint = tokenizer_fingerprint(root / "tok")[0]
-    (root / "pretok").mkdir()
-    write_shard(root / "pretok", "part-0.arrow", rows, fingerprint, mix.conversation.crop_spec())
-    finalize(root / "pretok", units, fingerprint, mix.conversation.crop_spec(), str(root / "tok"), "test")
+    paths = build_llm_setup(root, train_tasks=["gres", "gcg"], val_tasks=["gres"])
+    synth, mixture = paths["synth"], paths["mixture"]
     model, proc = build_tiny(TinyModelConfig(), corpus=["Please segment the red circle in this image.", "No target."])
     save_trained_model(model, proc, root / "sft", root / "tok", {"stage": "sft", "note": "random stand-in"})
     config = root / "rl.yaml"
@@ -139,6 +111,54 @@ def test_recipe_end_to_end_writes_final_summary_and_resumes(setup):
     assert before_report.stat().st_mtime_ns == stamp
 
 
+@pytest.mark.slow
+def test_iou_reward_decodes_spans_with_the_mask_tokenizer(setup, tmp_path):
+    """The costly alternative reward runs inside `samtok rl`: every completion's spans are decoded
+    on its prompt image and scored against the decoded reference spans; evaluations keep the
+    textual reward."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "iou"
+    rc, out, err = _run(["rl", "--config", str(setup["config"]), f"out_dir={run}", "trainer.max_steps=1",
+                         "reward.weights.answer_matching=0.0", "reward.weights.partial_credit=0.0",
+                         "reward.weights.iou=1.0", "reward.image_column=images", "eval.enabled=false"])
+    assert rc == 0, err[-3000:]
+    events = sorted((run / "tb").rglob("events.out.tfevents.*"))
+    values = {}
+    for f in events:
+        acc = EventAccumulator(str(f), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            values[tag] = [e.value for e in acc.Scalars(tag)]
+    assert "train/reward/iou/mean" in values
+    assert all(0.0 <= v <= 1.0 for v in values["train/reward/iou/mean"])
+
+
+def test_tokenizer_mask_decoder_matches_decode_and_encodes_each_image_once(setup):
+    from PIL import Image
+
+    from samtok.rl.mask_decode import TokenizerMaskDecoder
+    from samtok.tokenizer.api import SAMTokenizer
+
+    tok = SAMTokenizer.from_pretrained(setup["root"] / "tok")
+    paths = sorted((setup["root"] / "synth" / "images" / "train").glob("*.png"))[:2]
+    images = [[Image.open(p).convert("RGB")] for p in paths]
+    decoder = TokenizerMaskDecoder(tok, max_images=1)
+    for codes in ((3, 260 - 256), (7, -1)):
+        for imgs in images:
+            mask = decoder(imgs, codes)
+            expected = tok.decode(imgs[0], [list(codes)])[0].numpy()
+            assert mask.dtype == bool and mask.shape == expected.shape and (mask == expected).all()
+    assert decoder.images_encoded == 4  # a cache of one image: alternating images are encoded again
+    decoder = TokenizerMaskDecoder(tok, max_images=4)
+    for codes in ((3, 4), (5, 6), (7, 8)):
+        for imgs in images:
+            decoder(imgs, codes)
+    assert decoder.images_encoded == 2
+    with pytest.raises(SamtokError, match="has none"):
+        decoder([], (3, 4))
+
+
 def test_print_config_and_config_errors(setup, tmp_path):
     rc, out, err = _run(["rl", "--config", str(setup["config"]), "--print-config", "loss.beta=0.0"])
     assert rc == 0 and "beta: 0.0" in err and not (tmp_path / "run").exists()
@@ -154,7 +174,7 @@ def test_print_config_and_config_errors(setup, tmp_path):
     ("trainer.zero_stage=3", None),
     ("trainer.max_steps=5", "multiple"),
     ("trainer.precision=16-mixed", "bf16"),
-    ("reward.weights.iou=1.0", "iou"),
+    ("reward.weights.iou=1.0", "image_column"),
     ("reference=adapters_disabled", "adapters_disabled"),
     ("loss.num_generations=1", "num_generations"),
     ("reference=frozen", "reference"),

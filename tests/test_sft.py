@@ -7,6 +7,7 @@ import torch
 from samtok.mllm.generation import SamplingConfig, generate
 from samtok.mllm.models import TinyModelConfig, build_tiny, load_model_and_processor
 from samtok.mllm.sequences import build_prompt_example, build_training_example, generation_collator, training_collator
+from samtok.mllm.validation import exact_span_match
 from samtok.mllm.sft import LoraSettings, OptimSettings, SFTLightningModule, parameter_group, prepare_model_for_training
 from samtok.tokenizer.codec import MaskCodec
 
@@ -65,6 +66,15 @@ def test_module_loss_equals_transformers_loss():
 
 
 @pytest.mark.slow
+def test_exact_span_match_of_an_untrained_model_is_low():
+    data = dataset()
+    model, proc = tiny_model()
+    result = exact_span_match(model, proc, [(c[:1], i, a) for c, i, a in data], batch_size=4, max_new_tokens=24)
+    assert result["examples"] == 6.0 and result["spans_in_order_exact"] == 0.0
+    assert result["first_codes_in_order_exact"] <= 1 / 6
+
+
+@pytest.mark.slow
 def test_overfit_then_export_reproduces_every_answer(tmp_path):
     """Plumbing: labels, masking, trainable mask rows and generation agree — six answers learned by
     heart come back exactly by greedy decoding, before and after the LoRA-merged export."""
@@ -90,6 +100,9 @@ def test_overfit_then_export_reproduces_every_answer(tmp_path):
     prompts = generation_collator(proc)([build_prompt_example(proc, c[:1], i) for c, i, _ in data])
     texts = generate(model, proc, prompts, SamplingConfig(max_new_tokens=48)).texts
     assert texts == [a for _, _, a in data]
+    # the check `samtok sft` runs with generation_val.train_examples agrees, also in smaller batches
+    assert exact_span_match(model, proc, [(c[:1], i, a) for c, i, a in data], batch_size=4) == \
+        {"examples": 6.0, "spans_in_order_exact": 1.0, "first_codes_in_order_exact": 1.0}
     assert [CODEC.parse_codes(t) for t in texts] == [CODEC.parse_codes(a) for _, _, a in data]
 
     tok = SAMTokenizer(SAMTokModel(TokenizerModelConfig(sam2=SAM2Config(
