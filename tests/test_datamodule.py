@@ -16,13 +16,8 @@ from samtok.data.datamodule import (
     SFTDataModule,
     _check_trainer,
 )
-from samtok.data.mixture import MixtureConfig, MixtureEntry, crop_requests, load_mixture, stable_seed
-from samtok.data.pretokenize import (
-    PretokenizedMismatchError,
-    finalize,
-    plan_units,
-    write_shard,
-)
+from samtok.data.mixture import MixtureConfig, MixtureEntry
+from samtok.data.pretokenize import PretokenizedMismatchError
 from samtok.mllm.sequences import IGNORE_INDEX
 
 CROP = dict(crop_min_side=48, crop_min_short_side=112)
@@ -55,18 +50,9 @@ def mixture(synth):
 def pretok(mixture, tmp_path_factory):
     """A pre-tokenized folder with made-up codes for every key the mixture needs (the datamodules
     do not care where codes come from; test_pretokenize checks the real encoder)."""
-    data = load_mixture(mixture)
-    units = plan_units(data.images(), crop_requests(data), mixture.conversation.crop_spec())
-    rows = {c: [] for c in ("source", "image_id", "ann_id", "c0", "c1")}
-    for u in units:
-        for k, _ in u.masks:
-            h = stable_seed(u.source, u.image_id, k)
-            for col, v in zip(rows, (u.source, u.image_id, k, h % 256, (h >> 8) % 256)):
-                rows[col].append(v)
-    out = tmp_path_factory.mktemp("pretok")
-    write_shard(out, "part-0.arrow", rows, "fake-fingerprint", mixture.conversation.crop_spec())
-    finalize(out, units, "fake-fingerprint", mixture.conversation.crop_spec(), "tok", "test")
-    return out
+    from llm_setup import write_fake_pretokenized
+
+    return write_fake_pretokenized(mixture, tmp_path_factory.mktemp("pretok"))
 
 
 @pytest.fixture(scope="module")

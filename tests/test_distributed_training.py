@@ -45,8 +45,7 @@ CROP = dict(crop_min_side=48, crop_min_short_side=112)
 # ------------------------------------------------------------------------------------------------ assets
 def make_assets(root: Path) -> dict:
     """Synthetic images, a one-entry mixture of 7 samples, fake codes, a saved tiny Qwen-VL."""
-    from samtok.data.mixture import crop_requests, load_mixture, load_mixture_config, stable_seed
-    from samtok.data.pretokenize import finalize, plan_units, write_shard
+    from samtok.data.mixture import load_mixture_config
     from samtok.data.synth import SynthConfig, generate
     from samtok.mllm.models import TinyModelConfig, build_tiny, save_model_and_processor
 
@@ -61,18 +60,9 @@ def make_assets(root: Path) -> dict:
         f" split: train, max_samples: {NUM_SAMPLES}}}\n"
         f"conversation: {{crop_min_side: {CROP['crop_min_side']}, crop_min_short_side: {CROP['crop_min_short_side']}}}\n"
     )
-    cfg = load_mixture_config(mixture)
-    data = load_mixture(cfg)
-    units = plan_units(data.images(), crop_requests(data), cfg.conversation.crop_spec())
-    rows = {c: [] for c in ("source", "image_id", "ann_id", "c0", "c1")}
-    for u in units:
-        for k, _ in u.masks:
-            h = stable_seed(u.source, u.image_id, k)
-            for col, v in zip(rows, (u.source, u.image_id, k, h % 256, (h >> 8) % 256)):
-                rows[col].append(v)
-    pretok = root / "pretok"
-    write_shard(pretok, "part-0.arrow", rows, "fake-fingerprint", cfg.conversation.crop_spec())
-    finalize(pretok, units, "fake-fingerprint", cfg.conversation.crop_spec(), "tok", "test")
+    from llm_setup import write_fake_pretokenized
+
+    pretok = write_fake_pretokenized(load_mixture_config(mixture), root / "pretok")
     model, proc = build_tiny(TinyModelConfig(), corpus=["Please segment the red blob in this image.",
                                                         "A small green circle on the left."])
     save_model_and_processor(model, proc, root / "model")
