@@ -215,6 +215,17 @@ def apply_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
+def script_main(run, doc: str, argv: Optional[Sequence[str]] = None) -> list["BenchResult"]:
+    """The command line of one benchmark script: ``run(device, quick=, repeats=)`` with the
+    standard flags (first line of the script's docstring as the description), offline, threads set."""
+    args = standard_args(doc.splitlines()[0]).parse_args(argv)
+    offline()
+    apply_threads(args.threads)
+    result = run(args.device, quick=args.quick, repeats=args.repeats)
+    print(result.markdown())
+    return [result]
+
+
 def offline() -> None:
     for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         os.environ.setdefault(key, "1")

@@ -37,15 +37,13 @@ from benchkit import (  # noqa: E402
     QWEN2_5_VOCAB_ROWS,
     BenchResult,
     command_line,
-    apply_threads,
     build_random_qwen_vl,
     device_description,
-    offline,
     peak_memory_gib,
     random_image,
     reset_peak_memory,
     resolve_device,
-    standard_args,
+    script_main,
 )
 
 NAME = "grpo_rollout"
@@ -179,12 +177,7 @@ def run(device: str = "auto", quick: bool = False, repeats: int = 5,
 
 
 def main(argv: Optional[Sequence[str]] = None) -> list[BenchResult]:
-    args = standard_args(__doc__.splitlines()[0]).parse_args(argv)
-    offline()
-    apply_threads(args.threads)
-    result = run(args.device, quick=args.quick, repeats=args.repeats)
-    print(result.markdown())
-    return [result]
+    return script_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -28,11 +28,9 @@ from benchkit import (  # noqa: E402
     BenchResult,
     command_line,
     Timing,
-    apply_threads,
     device_description,
-    offline,
     resolve_device,
-    standard_args,
+    script_main,
 )
 
 NAME = "pretokenize_throughput"
@@ -99,12 +97,7 @@ def run(device: str = "auto", quick: bool = False, repeats: int = 5, num_images:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> list[BenchResult]:
-    args = standard_args(__doc__.splitlines()[0]).parse_args(argv)
-    offline()
-    apply_threads(args.threads)
-    result = run(args.device, quick=args.quick, repeats=args.repeats)
-    print(result.markdown())
-    return [result]
+    return script_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

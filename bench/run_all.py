@@ -11,7 +11,6 @@ sections and keeps the GPU ones, a GPU run the other way round; a section never 
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,9 @@ import grpo_rollout  # noqa: E402
 import pretokenize_throughput  # noqa: E402
 import sft_step  # noqa: E402
 import tokenizer_throughput  # noqa: E402
-from benchkit import DOC, BenchResult, apply_threads, kind_of, offline, pending_section, resolve_device, update_doc  # noqa: E402
+from benchkit import (  # noqa: E402
+    DOC, BenchResult, apply_threads, kind_of, offline, pending_section, resolve_device, standard_args, update_doc,
+)
 
 BENCHMARKS = [tokenizer_throughput, pretokenize_throughput, sft_step, grpo_rollout]
 
@@ -126,14 +127,10 @@ def run_all(device: str = "auto", only: Optional[Sequence[str]] = None, quick: b
 
 
 def main(argv: Optional[Sequence[str]] = None) -> list[BenchResult]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="auto", help="auto (cuda if visible), cpu or cuda")
+    ap = standard_args(__doc__.splitlines()[0])  # --device --repeats --quick (implies --no-write) --threads
     ap.add_argument("--only", nargs="*", default=None, help=f"benchmarks to run: {[b.NAME for b in BENCHMARKS]}")
-    ap.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median reported)")
-    ap.add_argument("--quick", action="store_true", help="micro sizes: seconds, for smoke tests (implies --no-write)")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: torch's default)")
     ap.add_argument("--doc", default=str(DOC), help="the Markdown file to rewrite")
-    ap.add_argument("--no-write", action="store_true", help="print only")
+    ap.add_argument("--no-write", action="store_true", help="print only (also implied by --quick)")
     args = ap.parse_args(argv)
     offline()
     apply_threads(args.threads)

@@ -25,14 +25,12 @@ import torch  # noqa: E402
 from benchkit import (  # noqa: E402
     BenchResult,
     command_line,
-    apply_threads,
     device_description,
     measure,
-    offline,
     random_image,
     random_masks,
     resolve_device,
-    standard_args,
+    script_main,
 )
 
 NAME = "tokenizer_throughput"
@@ -114,12 +112,7 @@ def run(device: str = "auto", quick: bool = False, repeats: int = 5, masks_per_i
 
 
 def main(argv: Optional[Sequence[str]] = None) -> list[BenchResult]:
-    args = standard_args(__doc__.splitlines()[0]).parse_args(argv)
-    offline()
-    apply_threads(args.threads)
-    result = run(args.device, quick=args.quick, repeats=args.repeats)
-    print(result.markdown())
-    return [result]
+    return script_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,5 @@
 """`samtok eval`: data-path recognition, one-benchmark runs, config runs with summary.md, the shipped config."""
 
-import contextlib
-import io
 import json
 import pickle
 from pathlib import Path
@@ -10,19 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from samtok.cli import main
 from samtok.core.config import ConfigError, load_config
 from samtok.eval.cli import data_spec_from_cli
 from samtok.eval.config import EvalConfig, check_config, conversation_config
 
+from cli_helpers import run_cli
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _run(argv):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(argv)
-    return rc, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +76,7 @@ def test_data_paths_and_source_arguments_are_recognised(synth, tmp_path):
 
 
 def test_one_benchmark_with_the_oracle_scores_perfectly(synth, tmp_path):
-    rc, out, err = _run(["eval", "--benchmark", "gres", "--oracle", "--data", str(synth), "--split", "test",
+    rc, out, err = run_cli(["eval", "--benchmark", "gres", "--oracle", "--data", str(synth), "--split", "test",
                          "--out", str(tmp_path / "gres"), "runner.lightning=false", "report.num_examples=1"])
     assert rc == 0, err
     assert "gIoU: 1.0000" in out and "N-acc: 1.0000" in out
@@ -91,13 +85,13 @@ def test_one_benchmark_with_the_oracle_scores_perfectly(synth, tmp_path):
 
 
 def test_one_benchmark_of_a_tokenizer(synth, dirs, tmp_path):
-    rc, out, err = _run(["eval", "--benchmark", "tokenizer", "--tokenizer", str(dirs / "tok"), "--data", str(synth),
+    rc, out, err = run_cli(["eval", "--benchmark", "tokenizer", "--tokenizer", str(dirs / "tok"), "--data", str(synth),
                          "--split", "test", "--max-samples", "2", "--out", str(tmp_path / "tok"),
                          "runner.lightning=false", "baselines.enabled=false"])
     assert rc == 0, err
     report = json.loads((tmp_path / "tok" / "report.json").read_text())
     assert report["num_samples"] == 2 and report["benchmark"] == "tokenizer" and "rMaskIoU" in report["metrics"]
-    rc, _, err = _run(["eval", "--benchmark", "gres", "--tokenizer", str(dirs / "tok"), "--data", str(synth)])
+    rc, _, err = run_cli(["eval", "--benchmark", "gres", "--tokenizer", str(dirs / "tok"), "--data", str(synth)])
     assert rc == 2 and "--model is required" in err
 
 
@@ -118,7 +112,7 @@ def test_config_run_compares_models_in_summary_md(synth, dirs, tmp_path):
     }
     path = tmp_path / "eval.yaml"
     path.write_text(json.dumps(cfg))  # JSON is YAML
-    rc, out, err = _run(["eval", "--config", str(path)])
+    rc, out, err = run_cli(["eval", "--config", str(path)])
     assert rc == 0, err
     summary = (tmp_path / "eval" / "summary.md").read_text()
     sections = {part.split(" ", 1)[0]: part for part in summary.split("\n## ")[1:]}
@@ -129,7 +123,7 @@ def test_config_run_compares_models_in_summary_md(synth, dirs, tmp_path):
         assert (tmp_path / "eval" / model / b / "report.json").is_file()
     runs = json.loads((tmp_path / "eval" / "summary.json").read_text())["runs"]
     assert len(runs) == 3
-    rc, _, err = _run(["eval", "--config", str(path), "--model", str(dirs / "sft")])
+    rc, _, err = run_cli(["eval", "--config", str(path), "--model", str(dirs / "sft")])
     assert rc == 2 and "need --benchmark" in err
 
 
@@ -144,7 +138,7 @@ def test_constant_answer_baselines_run_beside_models_and_score_as_defined(synth,
     }
     path = tmp_path / "eval.yaml"
     path.write_text(json.dumps(cfg))
-    rc, out, err = _run(["eval", "--config", str(path)])
+    rc, out, err = run_cli(["eval", "--config", str(path)])
     assert rc == 0, err
     runs = {r["benchmark"]: r for r in json.loads((tmp_path / "eval" / "summary.json").read_text())["runs"]}
     assert set(runs) == {"gres", "refcoco"}  # a baseline has no tokenizer benchmark
@@ -180,7 +174,7 @@ def test_the_shipped_config_loads_and_uses_the_training_conversation():
     assert {b.benchmark for b in cfg.benchmarks} == {"refcoco", "gres", "gcg", "region_caption", "mr_seg", "tokenizer"}
     assert cfg.generation.max_new_tokens.gcg == 512 and cfg.generation.max_new_tokens.gres == 128
     assert conversation_config(cfg) == load_mixture_config(cfg.conversation_from).conversation
-    rc, out, err = _run(["eval", "--print-config"])
+    rc, out, err = run_cli(["eval", "--print-config"])
     assert rc == 0 and "conversation_from: configs/data/synth_mixture.yaml" in err
     with pytest.raises(ConfigError, match="unknown key"):
         load_config(EvalConfig, REPO / "configs" / "eval" / "tiny.yaml", ["generation.max_new_token=3"])
@@ -214,7 +208,7 @@ def test_gcg_reads_the_grandf_evaluation_layout(synth, tmp_path):
     write_coco_instances(folder / "val_gcg_coco_mask_gt.json", images, ["object"])
     (folder / "val_gcg_coco_caption_gt.json").write_text(json.dumps(
         {"images": [{"id": int(r.image_id), "file_name": r.file_name} for r in images], "annotations": captions}))
-    rc, out, err = _run(["eval", "--benchmark", "gcg", "--oracle", "--data", str(folder), "--split", "val",
+    rc, out, err = run_cli(["eval", "--benchmark", "gcg", "--oracle", "--data", str(folder), "--split", "val",
                          "--out", str(tmp_path / "gcg"), "runner.lightning=false", "report.num_examples=1"])
     assert rc == 0, err
     report = json.loads((tmp_path / "gcg" / "report.json").read_text())

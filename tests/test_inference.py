@@ -1,7 +1,5 @@
 """SamtokPredictor: parsing + decoding of forced answers, labels, markers, <mask> prompts, loading, chat CLI."""
 
-import contextlib
-import io
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,6 +26,8 @@ from samtok.tokenizer.checkpoints import save_tokenizer_dir
 from samtok.tokenizer.codec import MaskCodec
 from samtok.tokenizer.model import SAMTokModel, TokenizerModelConfig
 from samtok.tokenizer.sam2_parts import SAM2Config
+
+from cli_helpers import run_cli
 
 CODEC = MaskCodec()
 MICRO = dict(size="t", image_size=128, trunk_embed_dim=16, trunk_num_heads=1, trunk_stages=[1, 1, 2, 1],
@@ -281,13 +281,6 @@ def test_from_pretrained_loads_our_layout_and_a_hub_snapshot(tiny, tokenizer_dir
         SamtokPredictor.from_pretrained(ours, fake)
 
 
-def _run(argv):
-    from samtok.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(argv)
-    return rc, out.getvalue(), err.getvalue()
 
 
 def test_chat_command_prints_the_answer_and_writes_overlay_and_masks(tiny, tokenizer_dir, image_file, tmp_path):
@@ -297,12 +290,12 @@ def test_chat_command_prints_the_answer_and_writes_overlay_and_masks(tiny, token
     model_dir = save_model_and_processor(model, proc, tmp_path / "model")
     mask_file = save_mask_png(rect(10, 40, 20, 70), tmp_path / "m.png")
     overlay = tmp_path / "out" / "overlay.png"
-    rc, out, err = _run(["chat", "What is <mask>?", "--model", str(model_dir), "--tokenizer", str(tokenizer_dir),
+    rc, out, err = run_cli(["chat", "What is <mask>?", "--model", str(model_dir), "--tokenizer", str(tokenizer_dir),
                          "--image", str(image_file), "--mask", str(mask_file), "--out", str(overlay),
                          "--save-masks", str(tmp_path / "masks"), "--max-new-tokens", "4"])
     assert rc == 0, err
     assert "overlay written to" in out and Image.open(overlay).size == (W, H)
-    rc, _, err = _run(["chat", "What is this?", "--model", str(model_dir), "--tokenizer", str(tokenizer_dir),
+    rc, _, err = run_cli(["chat", "What is this?", "--model", str(model_dir), "--tokenizer", str(tokenizer_dir),
                        "--image", str(image_file), "--mask", str(mask_file)])
     assert rc == 2 and "placeholder" in err
 

@@ -3,30 +3,23 @@ and every shipped RL YAML (presets, mixtures) loading and building."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from samtok.cli import main
 from samtok.core.config import ConfigError, load_config
 from samtok.core.errors import SamtokError
 from samtok.rl.config import GRPOConfig, check_grpo_config
 
+from cli_helpers import run_cli
 from llm_setup import build_llm_setup
 
 REPO = Path(__file__).resolve().parents[1]
 HEADLINE = ("gIoU", "cIoU", "N-acc", "T-acc", "mean_reward")
 
 
-def _run(argv):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(argv)
-    return rc, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +57,7 @@ def setup(tmp_path_factory):
 @pytest.mark.slow
 def test_recipe_end_to_end_writes_final_summary_and_resumes(setup):
     run = setup["run"]
-    rc, out, err = _run(["rl", "--config", str(setup["config"])])
+    rc, out, err = run_cli(["rl", "--config", str(setup["config"])])
     assert rc == 0, err[-3000:]
     final = run / "final"
     assert (final / "DONE").is_file() and (final / "config.json").is_file()
@@ -104,7 +97,7 @@ def test_recipe_end_to_end_writes_final_summary_and_resumes(setup):
     # resume: two more steps from last.ckpt; the "before" report of the same model is reused
     before_report = run / "eval" / "before" / "gres" / "report.json"
     stamp = before_report.stat().st_mtime_ns
-    rc, out, err = _run(["rl", "--config", str(setup["config"]), "trainer.max_steps=4"])
+    rc, out, err = run_cli(["rl", "--config", str(setup["config"]), "trainer.max_steps=4"])
     assert rc == 0, err[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["train"]["batches"] == 2.0, "resumed at step 2, two more batches"
@@ -119,7 +112,7 @@ def test_iou_reward_decodes_spans_with_the_mask_tokenizer(setup, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = tmp_path / "iou"
-    rc, out, err = _run(["rl", "--config", str(setup["config"]), f"out_dir={run}", "trainer.max_steps=1",
+    rc, out, err = run_cli(["rl", "--config", str(setup["config"]), f"out_dir={run}", "trainer.max_steps=1",
                          "reward.weights.answer_matching=0.0", "reward.weights.partial_credit=0.0",
                          "reward.weights.iou=1.0", "reward.image_column=images", "eval.enabled=false"])
     assert rc == 0, err[-3000:]
@@ -160,11 +153,11 @@ def test_tokenizer_mask_decoder_matches_decode_and_encodes_each_image_once(setup
 
 
 def test_print_config_and_config_errors(setup, tmp_path):
-    rc, out, err = _run(["rl", "--config", str(setup["config"]), "--print-config", "loss.beta=0.0"])
+    rc, out, err = run_cli(["rl", "--config", str(setup["config"]), "--print-config", "loss.beta=0.0"])
     assert rc == 0 and "beta: 0.0" in err and not (tmp_path / "run").exists()
-    rc, _, err = _run(["rl", "--config", str(setup["config"]), "loss.betta=1"])
+    rc, _, err = run_cli(["rl", "--config", str(setup["config"]), "loss.betta=1"])
     assert rc == 2 and "unknown key" in err
-    rc, _, err = _run(["rl", "--config", str(setup["config"]), f"model_dir={tmp_path / 'missing'}",
+    rc, _, err = run_cli(["rl", "--config", str(setup["config"]), f"model_dir={tmp_path / 'missing'}",
                        f"out_dir={tmp_path / 'run'}"])
     assert rc == 2 and "not a model directory" in err
 

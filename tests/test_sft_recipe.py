@@ -4,16 +4,13 @@ what reaches TensorBoard."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from samtok.cli import main
-
+from cli_helpers import run_cli
 from llm_setup import build_llm_setup
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,10 +37,8 @@ def run(tmp_path_factory):
                     "threads": 1},
         "progress_bar": False,
     }))
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(["sft", "--config", str(config)])
-    return {"rc": rc, "stdout": out.getvalue(), "stderr": err.getvalue(), "run": root / "run", "paths": paths}
+    rc, out, err = run_cli(["sft", "--config", str(config)])
+    return {"rc": rc, "stdout": out, "stderr": err, "run": root / "run", "paths": paths}
 
 
 @pytest.mark.slow

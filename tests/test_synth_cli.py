@@ -10,26 +10,22 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from samtok.cli import main
 from samtok.core.config import load_config, resolve_config_path
 from samtok.data.records import InstanceSegSample
 from samtok.data.synth import SplitSizes, SynthConfig, generate, generate_split, read_done
 from samtok.data.synth import dataset as dataset_module
 
+from cli_helpers import run_cli
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _run(argv):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(argv)
-    return rc, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")
 def written(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth")
-    rc, stdout, err = _run(["synth", "--out", str(out), "--num-images", "6", "--seed", "3", "--preview", "--no-progress"])
+    rc, stdout, err = run_cli(["synth", "--out", str(out), "--num-images", "6", "--seed", "3", "--preview", "--no-progress"])
     assert rc == 0, err
     return out, json.loads(stdout)
 
@@ -103,14 +99,14 @@ def test_written_split_reads_back(written):
 
 
 def test_config_overrides_flags_and_print_config(tmp_path):
-    rc, _, err = _run(["synth", "--config", "synth/default", f"out_dir={tmp_path}", "num_images=2", "seed=9",
+    rc, _, err = run_cli(["synth", "--config", "synth/default", f"out_dir={tmp_path}", "num_images=2", "seed=9",
                        "--seed", "4", "--print-config"])
     assert rc == 0
     assert "seed: 4" in err and "num_images: 2" in err and str(tmp_path) in err
     assert not (tmp_path / "DONE").exists()
-    rc, _, err = _run(["synth", "no_such_key=1", "--print-config"])
+    rc, _, err = run_cli(["synth", "no_such_key=1", "--print-config"])
     assert rc == 2 and "unknown key" in err
-    rc, _, err = _run(["synth", "colors=[red,mauve]", "--print-config"])
+    rc, _, err = run_cli(["synth", "colors=[red,mauve]", "--print-config"])
     assert rc == 2 and "colors" in err
 
 
