@@ -3,6 +3,10 @@
     samtok chat --model runs/sft/final --tokenizer runs/tokenizer/final --image cat.png \\
         "Please segment the cat in this image." --out overlay.png
     samtok chat ... --image street.jpg "Is <mask> taller than <mask>?" --mask a.png --mask b.png
+    samtok chat --server http://localhost:8000 --tokenizer exported/mask_tokenizer --image cat.png "..."
+
+With ``--server`` the model runs behind an OpenAI-compatible server (``transformers serve``, vLLM;
+docs/serving.md) and only the mask tokenizer runs here (:mod:`samtok.mllm.openai_client`).
 
 Prints the answer with each mask span shown as ``[mask k]``, then one line per decoded mask (label,
 area in pixels and percent of the image, codes), then any parsing notes. ``--out`` writes the masks
@@ -19,7 +23,13 @@ from samtok.core.errors import SamtokError
 
 def build_parser(name: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", help="the user prompt; each <mask> is replaced by the span of the next --mask")
-    parser.add_argument("--model", required=True, help="QwenVL-SAMTok model directory (ours or a hub snapshot)")
+    parser.add_argument("--model", default=None, help="QwenVL-SAMTok model directory (ours or a hub snapshot); "
+                        "not needed with --server")
+    parser.add_argument("--server", default=None, metavar="URL",
+                        help="ask an OpenAI-compatible server (e.g. http://localhost:8000) instead of loading --model")
+    parser.add_argument("--server-model", default=None, metavar="NAME",
+                        help="with --server: the model name to request (default: the server's first listed model)")
+    parser.add_argument("--api-key", default=None, help="with --server: bearer token, if the server wants one")
     parser.add_argument("--tokenizer", required=True, help="SAMTok tokenizer directory")
     parser.add_argument("--image", required=True, help="image file")
     parser.add_argument("--mask", action="append", default=[], metavar="FILE",
@@ -68,6 +78,8 @@ def run(name: str, args: argparse.Namespace) -> int:
     from samtok.mllm.generation import SamplingConfig
     from samtok.mllm.inference import MASK_PLACEHOLDER, SamtokPredictor
 
+    if not args.model and not args.server:
+        raise SamtokError("give --model DIR (run the model here) or --server URL (ask a running server)")
     n_placeholders = args.prompt.count(MASK_PLACEHOLDER)
     if n_placeholders != len(args.mask):
         raise SamtokError(f"the prompt has {n_placeholders} {MASK_PLACEHOLDER} placeholder(s) but "
@@ -86,8 +98,14 @@ def run(name: str, args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise SamtokError(str(exc)) from exc
     seed_everything(args.seed)
-    predictor = SamtokPredictor.from_pretrained(args.model, args.tokenizer, device=args.device, dtype=args.dtype,
-                                                batch_size=1, system_prompt=args.system)
+    if args.server:
+        from samtok.mllm.openai_client import ServerPredictor
+
+        predictor = ServerPredictor.connect(args.server, args.tokenizer, device=args.device, model=args.server_model,
+                                            api_key=args.api_key, batch_size=1, system_prompt=args.system)
+    else:
+        predictor = SamtokPredictor.from_pretrained(args.model, args.tokenizer, device=args.device, dtype=args.dtype,
+                                                    batch_size=1, system_prompt=args.system)
     with torch.no_grad():
         [pred] = predictor.predict([image], [args.prompt], sampling, prompt_masks=[masks])
     print(describe_prediction(pred))
