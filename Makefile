@@ -28,7 +28,7 @@ PRETOK_DONE:= runs/pretok/DONE
 SFT_DONE   := runs/sft/final/DONE
 RL_DONE    := runs/rl/final/DONE
 
-.PHONY: help install test test-fast demo synth train-tokenizer pretokenize sft rl eval bench tensorboard clean distclean
+.PHONY: help install install-browser test test-fast demo synth train-tokenizer pretokenize pretrain sft vision-check rl eval serve bench tensorboard clean distclean
 
 help:
 	@echo "make demo             install if needed, then run the whole pipeline on the embedded synthetic default"
@@ -37,9 +37,12 @@ help:
 	@echo "make synth            generate the synthetic data set into $(SYNTH_OUT)/ (+ preview.png)"
 	@echo "make train-tokenizer  train the mask tokenizer (configs/tokenizer/tiny.yaml) -> runs/tokenizer/final/"
 	@echo "make pretokenize      turn every synthetic mask into its two codes -> runs/pretok/"
+	@echo "make pretrain         optional grounding pretraining of the tiny VLM -> runs/pretrain/final/ (sft: init_from=...)"
 	@echo "make sft              supervised fine-tuning of the tiny QwenVL-SAMTok -> runs/sft/final/"
+	@echo "make vision-check     does the image reach the tiny model? image-only questions vs the best constant answer"
 	@echo "make rl               GRPO from runs/sft/final/ -> runs/rl/final/"
 	@echo "make eval             evaluate tokenizer, SFT and RL models -> runs/eval/summary.md"
+	@echo "make serve            the web demo (Tokenize, Detokenize, Chat) on http://127.0.0.1:7860/"
 	@echo "make bench            run the benchmarks under bench/ and refresh docs/benchmarks.md"
 	@echo "make tensorboard      TensorBoard on runs/"
 	@echo "make clean            remove runs/ and caches (keeps .venv/); make distclean also removes .venv/"
@@ -49,10 +52,23 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q setuptools wheel torch==2.13.0
 	SAM2_BUILD_CUDA=0 $(PY) -m pip install -q --no-deps --no-build-isolation sam2==1.1.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,serve]'
+	@$(MAKE) --no-print-directory install-browser
 	@touch $@
 
 install: $(STAMP)
+
+# Debian's Chromium for the browser tests (Playwright drives it; nothing is downloaded by Playwright).
+install-browser:
+	@if [ -x /usr/bin/chromium ] || command -v chromium >/dev/null 2>&1; then \
+	  echo "chromium: $$(chromium --version 2>/dev/null | head -n 1)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian's chromium for the browser tests (apt-get)"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+	    || echo "warning: apt-get could not install chromium: the browser tests will be skipped"; \
+	else \
+	  echo "note: chromium is not installed and apt-get is not usable here (it needs root): the browser tests will be skipped; install Debian's chromium (apt-get install chromium) or set SAMTOK_CHROMIUM to run them"; \
+	fi
 
 test: install
 	$(PY) -m pytest $(if $(filter true,$(CI)),-m "not gpu",) $(ARGS)
@@ -75,6 +91,10 @@ pretokenize: install | $(SYNTH_DONE) $(TOK_DONE)
 $(PRETOK_DONE):
 	$(MAKE) pretokenize
 
+# Optional: SFT continues from it with `make sft ARGS='init_from=runs/pretrain/final'` (docs/sft.md).
+pretrain: install | $(PRETOK_DONE)
+	$(SAMTOK) pretrain --config configs/scene_qa/pretrain.yaml $(ARGS)
+
 sft: install | $(PRETOK_DONE)
 	$(SAMTOK) sft --config configs/sft/tiny.yaml $(ARGS)
 $(SFT_DONE):
@@ -87,6 +107,12 @@ $(RL_DONE):
 
 eval: install | $(TOK_DONE) $(SFT_DONE) $(RL_DONE)
 	$(SAMTOK) eval --config configs/eval/tiny.yaml $(ARGS)
+
+vision-check: install
+	$(SAMTOK) vision-check --config configs/scene_qa/vision_check.yaml $(ARGS)
+
+serve: install
+	$(SAMTOK) serve $(ARGS)
 
 bench: install
 	$(PY) bench/run_all.py $(ARGS)

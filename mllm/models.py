@@ -90,6 +90,16 @@ class TinyModelConfig:
             Parameter dtype: `"float32"`, `"bfloat16"` or `"float16"`.
         attn_implementation (`str`, defaults to `"sdpa"`):
             Attention kernel: `"sdpa"` or `"eager"`.
+        weight_init (`str`, defaults to `"qwen"`):
+            `"qwen"`: transformers' initialisation (normal, std `initializer_range` = 0.02 for every
+            linear layer, as for the released widths of 2,048+). `"fan_in"`: std = 1/sqrt(fan-in) for
+            every linear layer and the patch embedding (embedding rows keep 0.02). At widths of
+            128-256, std 0.02 leaves attention uniform and the image unread for hundreds of steps
+            (docs/sft.md, "What makes the miniature learn").
+        vision_pos_init (`str`, defaults to `"random"`):
+            Qwen3-VL's learned absolute position table of the vision tower: `"random"` (transformers'
+            init) or `"sincos"` (2-D sine/cosine features of the grid cell, unit amplitude; still
+            trained), so that image tokens carry their place from the first step.
         seed (`int`, defaults to `0`):
             Seed of the random weights and of the mask-row initialisation.
     """
@@ -119,6 +129,8 @@ class TinyModelConfig:
     vocab_multiple: int = 64
     dtype: str = "float32"
     attn_implementation: str = "sdpa"
+    weight_init: str = "qwen"
+    vision_pos_init: str = "random"
     seed: int = 0
 
     def resolved_patch_size(self) -> int:
@@ -152,6 +164,12 @@ class TinyModelConfig:
             raise SamtokError(f"mrope_section {self.resolved_mrope_section()} must sum to head_dim/2 = {hd // 2}")
         if self.vision_hidden_size % self.vision_num_heads:
             raise SamtokError("vision_num_heads must divide vision_hidden_size")
+        if self.weight_init not in ("qwen", "fan_in"):
+            raise SamtokError(f"weight_init must be 'qwen' or 'fan_in', got {self.weight_init!r}")
+        if self.vision_pos_init not in ("random", "sincos"):
+            raise SamtokError(f"vision_pos_init must be 'random' or 'sincos', got {self.vision_pos_init!r}")
+        if self.vision_pos_init == "sincos" and self.family != "qwen3_vl":
+            raise SamtokError("vision_pos_init='sincos' needs family 'qwen3_vl' (Qwen2.5-VL's vision tower has no position table)")
         if self.dtype not in _DTYPES:
             raise SamtokError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
 
@@ -256,6 +274,10 @@ def build_tiny(
     hf_config._attn_implementation = config.attn_implementation  # noqa: SLF001 - the documented way for configs
     torch.manual_seed(config.seed)
     model = _model_class(config.family)(hf_config)
+    if config.weight_init == "fan_in":
+        fan_in_init_(model)
+    if config.vision_pos_init == "sincos":
+        sincos_position_table_(model)
     model.to(_DTYPES[config.dtype])
     add_mask_vocabulary(model, tokenizer, seed=config.seed)
     _set_generation_defaults(model, tokenizer)
@@ -270,6 +292,46 @@ def build_tiny(
     processor = QwenVLImageTextProcessor(image_processor=image_processor, tokenizer=tokenizer)
     model.eval()
     return model, processor
+
+
+@torch.no_grad()
+def fan_in_init_(model) -> int:
+    """Re-draw every linear layer (and the vision patch embedding) with std = 1/sqrt(fan-in), biases 0.
+
+    The output head is left alone (tied to the input embeddings in the tiny models, whose rows keep
+    their own init). Draws from torch's global generator (seed it first). Returns the layers changed.
+    """
+    head = model.get_output_embeddings()
+    changed = 0
+    for module in model.modules():
+        if module is head or not isinstance(module, (torch.nn.Linear, torch.nn.Conv3d)):
+            continue
+        fan_in = module.weight[0].numel()
+        module.weight.normal_(0.0, fan_in ** -0.5)
+        if module.bias is not None:
+            module.bias.zero_()
+        changed += 1
+    return changed
+
+
+@torch.no_grad()
+def sincos_position_table_(model) -> None:
+    """Fill Qwen3-VL's learned vision position table (a G x G grid, row-major) with 2-D sine/cosine
+    features: half of the channels encode the row, half the column, at D/4 frequencies spaced
+    geometrically from pi/G to pi radians per cell (one half-period across the grid up to one per cell)."""
+    visual = model.model.visual
+    table = visual.pos_embed.weight
+    g, d = int(visual.num_grid_per_side), int(table.shape[1])
+    if d % 4:
+        raise SamtokError(f"vision_hidden_size must be a multiple of 4 for vision_pos_init='sincos', got {d}")
+    rows, cols = torch.meshgrid(torch.arange(g, dtype=torch.float32), torch.arange(g, dtype=torch.float32), indexing="ij")
+    omega = torch.logspace(math.log10(math.pi / g), math.log10(math.pi), d // 4)
+
+    def features(p: torch.Tensor) -> torch.Tensor:
+        angle = p.reshape(-1, 1) * omega
+        return torch.cat([angle.sin(), angle.cos()], dim=1)
+
+    table.copy_(torch.cat([features(rows), features(cols)], dim=1).to(table.dtype))
 
 
 def _model_class(family: str):

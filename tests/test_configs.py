@@ -25,6 +25,10 @@ def schema_for(path: Path):
         from samtok.mllm.train_sft import SFTConfig
 
         return SFTConfig
+    if kind == "scene_qa":
+        from samtok.mllm.scene_qa import SceneQAConfig
+
+        return SceneQAConfig
     if kind == "eval":
         from samtok.eval.config import EvalConfig
 
@@ -69,6 +73,12 @@ def test_config_loads_and_builds(path):
         check_config(cfg)
     elif kind == "synth":
         assert cfg.image_size > 0
+    elif kind == "scene_qa":
+        from samtok.mllm.train_sft import SFTConfig
+
+        cfg.validate()
+        # the vision-path check and the pretraining are about the embedded SFT model: the same sizes
+        assert cfg.model == load_config(SFTConfig, ROOT / "configs/sft/tiny.yaml").model.tiny
 
 
 @pytest.mark.parametrize("path", [p for p in CONFIGS if "data" in p.relative_to(ROOT / "configs").parts[:1]

@@ -251,3 +251,29 @@ def test_linear_patch_embedding_is_the_same_function(family):
     y_ref.square().sum().backward()
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(embed.proj.weight.grad, ref.proj.weight.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_fan_in_init_and_sincos_position_table():
+    from samtok.core.errors import SamtokError
+
+    cfg = TinyModelConfig(family="qwen3_vl", hidden_size=128, intermediate_size=256, vision_hidden_size=64,
+                          vision_intermediate_size=128, weight_init="fan_in", vision_pos_init="sincos")
+    model, _ = build_tiny(cfg, corpus=["a red star", "in the upper left"])
+    lin = model.model.language_model.layers[0].mlp.down_proj  # fan-in 256: std 1/16, 4x transformers' 0.02
+    assert lin.weight.std().item() == pytest.approx(256 ** -0.5, rel=0.05)
+    assert model.model.language_model.layers[0].self_attn.q_proj.weight.std().item() == pytest.approx(128 ** -0.5, rel=0.05)
+    emb = model.get_input_embeddings().weight
+    assert emb[:100].std().item() == pytest.approx(0.02, rel=0.15)  # embedding rows keep their init
+    visual = model.model.visual
+    table, g = visual.pos_embed.weight.detach(), int(visual.num_grid_per_side)
+    assert table.abs().max().item() <= 1.0 + 1e-6
+    d = table.shape[1]
+    # first quarter: sin(row * omega_0) with omega_0 = pi / g; cell (r, c) sits at index r * g + c
+    r, c = 3, 5
+    assert table[r * g + c, 0].item() == pytest.approx(np.sin(r * np.pi / g), abs=1e-5)
+    assert table[r * g + c, d // 2].item() == pytest.approx(np.sin(c * np.pi / g), abs=1e-5)
+    assert len({tuple(row.tolist()) for row in table[: g * g].round(decimals=4)}) == g * g  # every cell distinct
+    with pytest.raises(SamtokError, match="weight_init"):
+        TinyModelConfig(weight_init="xavier").validate()
+    with pytest.raises(SamtokError, match="qwen3_vl"):
+        TinyModelConfig(family="qwen2_5_vl", vision_pos_init="sincos").validate()
