@@ -101,9 +101,10 @@ def histogram_image(hist: dict, title: str, xlabel: str, width: int = 520, heigh
     bw = (x1 - x0) / n
     for k, c in enumerate(counts):
         bx0 = x0 + k * bw + 1
-        bh = (y1 - y0 - 14) * c / top_count
+        # a non-empty bin gets at least one pixel of height and width (Pillow rejects inverted boxes)
+        bh = max(1.0, (y1 - y0 - 14) * c / top_count)
         if c:
-            d.rectangle([bx0, y1 - bh, bx0 + bw - 2, y1 - 1], fill=BAR)
+            d.rectangle([bx0, y1 - bh, max(bx0, bx0 + bw - 2), y1 - 1], fill=BAR)
             d.text((bx0 + 2, y1 - bh - 12), str(c), fill=FG)
     edges = hist["edges"]
     ticks = sorted(set(range(0, len(edges), max(1, len(edges) // 5))) | {len(edges) - 1})

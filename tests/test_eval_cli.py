@@ -216,3 +216,18 @@ def test_gcg_reads_the_grandf_evaluation_layout(synth, tmp_path):
     assert report["num_samples"] == len(samples) > 0
     m = report["metrics"]
     assert m["AP50"] == m["mIoU"] == m["recall"] == 1.0 and m["num_gt_phrases"] == next_id - 1
+
+
+def test_histogram_image_draws_tiny_bins_and_many_bins():
+    """A bin of 1 beside a bin of 1,000 (bar under a pixel tall) and 400 bins (bars under 2 px wide):
+    every non-empty bin is drawn, none raises (Pillow rejects inverted rectangles)."""
+    from samtok.eval.report import histogram, histogram_image
+
+    hist = histogram([0.05] + [0.95] * 1000)
+    img = np.asarray(histogram_image(hist, "t", "IoU"))
+    assert img.shape == (320, 520, 3)
+    bg = img[5, -5]
+    column = img[:, 48 + int(0.5 * (520 - 16 - 48) / 10)]  # middle of the first bin
+    assert (column != bg).any(axis=1).sum() >= 2  # the 1-count bar (plus the axis) is visible
+    wide = histogram(list(np.linspace(0, 1, 2000)), bins=400)
+    assert np.asarray(histogram_image(wide, "t", "IoU")).shape == (320, 520, 3)
