@@ -24,7 +24,7 @@ from typing import Any, List, Mapping, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from samtok.mllm.sequences import model_inputs
+from samtok.mllm.sequences import build_prompt_example, generation_collator, model_inputs
 
 
 @dataclass
@@ -239,3 +239,18 @@ def repeat_examples(examples: Sequence[Mapping[str, Any]], n: int) -> list[Mappi
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     return [e for e in examples for _ in range(n)]
+
+
+def greedy_texts(model, processor, prompts: Sequence[tuple[Sequence[Mapping[str, Any]], Sequence[Any]]],
+                 batch_size: int = 16, max_new_tokens: int = 96) -> list[str]:
+    """Greedy answers of ``model`` to ``(messages, images)`` prompts, in order, ``batch_size`` at a time
+    (left-padded batches; puts the model in eval mode)."""
+    model.eval()
+    collate = generation_collator(processor)
+    texts: list[str] = []
+    for lo in range(0, len(prompts), batch_size):
+        batch = collate([build_prompt_example(processor, messages, images)
+                         for messages, images in prompts[lo:lo + batch_size]])
+        with torch.no_grad():
+            texts.extend(generate(model, processor, batch, SamplingConfig(max_new_tokens=max_new_tokens)).texts)
+    return texts

@@ -203,20 +203,13 @@ def best_constant(train: Sequence[QuestionSample], held_out: Sequence[QuestionSa
 def greedy_scores(model, processor, samples: Sequence[QuestionSample], batch_size: int = 32,
                   max_new_tokens: int = 24) -> tuple[float, Counter]:
     """Mean :func:`score` of the greedy answers, and the counts of the answers given."""
-    from samtok.mllm.generation import SamplingConfig, generate
-    from samtok.mllm.sequences import build_prompt_example, generation_collator
+    from samtok.mllm.generation import greedy_texts
 
-    model.eval()
-    collate = generation_collator(processor)
+    texts = greedy_texts(model, processor, [(s.messages(False), [s.image]) for s in samples], batch_size, max_new_tokens)
     total, given = 0.0, Counter()
-    for lo in range(0, len(samples), batch_size):
-        chunk = samples[lo:lo + batch_size]
-        batch = collate([build_prompt_example(processor, s.messages(False), [s.image]) for s in chunk])
-        with torch.no_grad():
-            texts = generate(model, processor, batch, SamplingConfig(max_new_tokens=max_new_tokens)).texts
-        for s, text in zip(chunk, texts):
-            given[text.strip()] += 1
-            total += score(s.question, text, s.answer)
+    for s, text in zip(samples, texts):
+        given[text.strip()] += 1
+        total += score(s.question, text, s.answer)
     return total / max(1, len(samples)), given
 
 

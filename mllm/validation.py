@@ -176,25 +176,17 @@ def exact_span_match(model, processor, examples: Sequence[tuple[list[dict], list
     """Greedy answers of ``model`` to ``(prompt messages, images, reference answer)`` triples: the
     share whose valid mask spans are the reference's, code pair by code pair IN ORDER (stricter than
     the set comparison of the benchmarks' ``span_exact``), and the same on first codes."""
-    import torch
-
-    from samtok.mllm.generation import SamplingConfig, generate
-    from samtok.mllm.sequences import build_prompt_example, generation_collator
+    from samtok.mllm.generation import greedy_texts
     from samtok.tokenizer.codec import MaskCodec
 
-    model.eval()
     codec = MaskCodec()
-    collate = generation_collator(processor)
+    texts = greedy_texts(model, processor, [(messages, images) for messages, images, _ in examples], batch_size,
+                         max_new_tokens)
     exact = first = 0
-    for lo in range(0, len(examples), batch_size):
-        chunk = examples[lo:lo + batch_size]
-        prompts = [build_prompt_example(processor, messages, images) for messages, images, _ in chunk]
-        with torch.no_grad():
-            out = generate(model, processor, collate(prompts), SamplingConfig(max_new_tokens=max_new_tokens))
-        for (_, _, answer), text in zip(chunk, out.texts):
-            gt, pred = codec.parse_codes(answer), codec.parse_codes(text)
-            exact += int(gt == pred)
-            first += int([c[0] for c in gt] == [c[0] for c in pred])
+    for (_, _, answer), text in zip(examples, texts):
+        gt, pred = codec.parse_codes(answer), codec.parse_codes(text)
+        exact += int(gt == pred)
+        first += int([c[0] for c in gt] == [c[0] for c in pred])
     n = max(1, len(examples))
     return {"examples": float(len(examples)), "spans_in_order_exact": exact / n, "first_codes_in_order_exact": first / n}
 
