@@ -343,6 +343,21 @@ class ReferringBenchmark(LanguageBenchmark):
             first += int(ok_first)
         return {"span_exact": exact / n, "first_code_exact": first / n}
 
+    @staticmethod
+    def label_echo(results: list[dict]) -> dict[str, float]:
+        """``label_echo`` (RES): share of answers with spans whose first label repeats the referring
+        expression (case and spaces ignored). The one-target answer format labels the mask with the
+        expression, so a model that cannot do it is not reading its prompt — the cheapest sign of that,
+        before any mask is decoded. Absent when no result carries an expression."""
+        def norm(t) -> str:
+            return " ".join(str(t).lower().split())
+
+        rows = [r for r in results if r.get("meta", {}).get("expression") and r["num_spans"] > 0]
+        if not rows:
+            return {}
+        same = sum(1 for r in rows if r["labels"] and norm(r["labels"][0]) == norm(r["meta"]["expression"]))
+        return {"label_echo": same / len(rows)}
+
     def wants(self, s) -> bool:
         return isinstance(s, ReferringSample) and not s.generalized
 
@@ -361,8 +376,8 @@ class ReferringBenchmark(LanguageBenchmark):
             gt = union_masks(self.gt_masks(self.items[r["index"]].sample, r["targets"]), tuple(size))
             metric.update([pred], [gt])
             per_item.append(mask_iou(pred, gt))
-        return Scores({**metric.compute(), **self.span_match_stats(results), **self.generation_stats(results)},
-                      per_item)
+        return Scores({**metric.compute(), **self.span_match_stats(results), **self.label_echo(results),
+                       **self.generation_stats(results)}, per_item)
 
 
 class GeneralizedReferringBenchmark(ReferringBenchmark):

@@ -100,6 +100,12 @@ class TinyModelConfig:
             Qwen3-VL's learned absolute position table of the vision tower: `"random"` (transformers'
             init) or `"sincos"` (2-D sine/cosine features of the grid cell, unit amplitude; still
             trained), so that image tokens carry their place from the first step.
+        embedding_init_std (`float` or `None`, defaults to `None`):
+            Std of the input embedding rows (`None`: `initializer_range`, 0.02). Untie the head with it:
+            with rows at 0.02 a text token's own embedding is ~1% of the image tokens' norm after training
+            and the first layer washes it out: the tiny model then cannot copy a word from the prompt
+            into its answer (docs/sft.md, "What makes the miniature learn"). 1.0 with an untied head
+            (which keeps 0.02) is the embedded preset.
         seed (`int`, defaults to `0`):
             Seed of the random weights and of the mask-row initialisation.
     """
@@ -131,6 +137,7 @@ class TinyModelConfig:
     attn_implementation: str = "sdpa"
     weight_init: str = "qwen"
     vision_pos_init: str = "random"
+    embedding_init_std: Optional[float] = None
     seed: int = 0
 
     def resolved_patch_size(self) -> int:
@@ -170,6 +177,8 @@ class TinyModelConfig:
             raise SamtokError(f"vision_pos_init must be 'random' or 'sincos', got {self.vision_pos_init!r}")
         if self.vision_pos_init == "sincos" and self.family != "qwen3_vl":
             raise SamtokError("vision_pos_init='sincos' needs family 'qwen3_vl' (Qwen2.5-VL's vision tower has no position table)")
+        if self.embedding_init_std is not None and not float(self.embedding_init_std) > 0:
+            raise SamtokError(f"embedding_init_std must be > 0 (or null), got {self.embedding_init_std!r}")
         if self.dtype not in _DTYPES:
             raise SamtokError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
 
@@ -278,6 +287,9 @@ def build_tiny(
         fan_in_init_(model)
     if config.vision_pos_init == "sincos":
         sincos_position_table_(model)
+    if config.embedding_init_std is not None:
+        with torch.no_grad():
+            model.get_input_embeddings().weight.normal_(0.0, float(config.embedding_init_std))
     model.to(_DTYPES[config.dtype])
     add_mask_vocabulary(model, tokenizer, seed=config.seed)
     _set_generation_defaults(model, tokenizer)

@@ -46,9 +46,13 @@ class SFTModelSettings:
     freeze_vision: bool = True  # vision tower and merger frozen (release)
     gradient_checkpointing: bool = False
     attn_implementation: Optional[str] = None  # e.g. flash_attention_2 on GPU; None: the model's default
-    # rows of the 512 code words: "statistics" (the release: mean + 0.02 N(0,1) std of the text rows) or
-    # "codebook" (ours: the mask tokenizer's code vectors, projected; see mllm.vocab.init_code_rows_from_codebooks)
+    # rows of the 512 code words: "statistics" (the release: mean + 0.02 N(0,1) std of the text rows),
+    # "codebook" (ours: the mask tokenizer's code vectors, projected; mllm.vocab.init_code_rows_from_codebooks)
+    # or "geometry" (ours: first-code rows from the mean box of each code's training masks, a kernel over
+    # boxes; mllm.vocab.init_first_code_rows_from_geometry). Only when the model is built from scratch.
     mask_embedding_init: str = "statistics"
+    # keep the output rows of the first codes as initialised (gradient zeroed; needs optim.weight_decay 0)
+    freeze_first_code_head: bool = False
 
 
 @dataclass

@@ -79,21 +79,42 @@ def build_model_and_processor(cfg: SFTConfig):
 
 
 def apply_mask_embedding_init(model, processor, cfg: SFTConfig) -> None:
-    """Optionally replace the statistics-based rows of the code words by codebook-derived ones."""
+    """Optionally replace the statistics-based rows of the code words (codebooks or code geometry),
+    and freeze the first codes' output rows when asked."""
+    from samtok.core.config import ConfigError
+
     mode = cfg.model.mask_embedding_init
-    if mode == "statistics":
-        return
-    if mode != "codebook":
-        from samtok.core.config import ConfigError
+    if mode not in ("statistics", "codebook", "geometry"):
+        raise ConfigError(f"model.mask_embedding_init must be 'statistics', 'codebook' or 'geometry', got {mode!r}")
+    if cfg.model.freeze_first_code_head and cfg.optim.weight_decay != 0:
+        raise ConfigError("model.freeze_first_code_head needs optim.weight_decay: 0 (decay would still move the rows)")
+    if mode == "codebook":
+        from samtok.mllm.vocab import init_code_rows_from_codebooks
+        from samtok.tokenizer.checkpoints import load_tokenizer_dir
 
-        raise ConfigError(f"model.mask_embedding_init must be 'statistics' or 'codebook', got {mode!r}")
-    from samtok.mllm.vocab import init_code_rows_from_codebooks
-    from samtok.tokenizer.checkpoints import load_tokenizer_dir
+        mask_model, _ = load_tokenizer_dir(cfg.data.tokenizer)
+        books = [cb.codes.detach() for cb in mask_model.quantizer.codebooks]
+        n = init_code_rows_from_codebooks(model, processor.tokenizer, books, seed=cfg.trainer.seed)
+        log.info("initialised %d code-word rows from the mask tokenizer's codebooks", n)
+    elif mode == "geometry":
+        from samtok.data.mixture import load_mixture, load_mixture_config
+        from samtok.data.pretokenize import load_code_table
+        from samtok.mllm.vocab import code_box_centroids, init_first_code_rows_from_geometry
 
-    mask_model, _ = load_tokenizer_dir(cfg.data.tokenizer)
-    books = [cb.codes.detach() for cb in mask_model.quantizer.codebooks]
-    n = init_code_rows_from_codebooks(model, processor.tokenizer, books, seed=cfg.trainer.seed)
-    log.info("initialised %d code-word rows from the mask tokenizer's codebooks", n)
+        data = load_mixture(load_mixture_config(cfg.data.mixture), ["train"])
+        table = load_code_table(cfg.data.pretokenized, cfg.data.tokenizer)
+        centroids, counts = code_box_centroids(table, data.records, table.codec.codebook_size)
+        init_first_code_rows_from_geometry(model, processor.tokenizer, centroids, seed=cfg.trainer.seed)
+        log.info("first-code rows from the boxes of %d training masks (%d of %d codes used)",
+                 int(counts.sum()), int((counts > 0).sum()), len(counts))
+    if cfg.model.freeze_first_code_head:
+        from samtok.mllm.vocab import freeze_rows, mask_code_token_ids
+
+        head = model.get_output_embeddings()
+        head = head if head is not None else model.get_input_embeddings()
+        k = len(mask_code_token_ids(processor.tokenizer)) // 2
+        freeze_rows(head.weight, mask_code_token_ids(processor.tokenizer)[:k])
+        log.info("first-code output rows frozen (%d)", k)
 
 
 def train_sft(cfg: SFTConfig) -> dict:

@@ -28,6 +28,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 from samtok.core.errors import SamtokError
@@ -362,3 +363,92 @@ def init_code_rows_from_codebooks(model, tokenizer, codebooks: Sequence[torch.Te
             w.index_copy_(0, index.to(w.device), rows.to(w.device, w.dtype))
         written += len(index)
     return written
+
+
+# ------------------------------------------------------------------------------------------------
+# first-code rows from the boxes of the masks each code stands for (an option beyond the release)
+
+GEOMETRY_FREQUENCIES = (1, 2, 4, 8, 16)
+
+
+def code_box_centroids(table, records, codebook_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Mean box ``(cx, cy, w, h)`` (fractions of the image side) of the masks each first code stands for.
+
+    Args:
+        table: the :class:`~samtok.data.pretokenize.CodeTable` of the training data.
+        records: ``{(source, image_id): ImageRecord}`` (``MixtureData.records``); masks absent from the
+            table (e.g. another split) are skipped.
+
+    Returns:
+        ``(centroids (K, 4), counts (K,))``; a code no mask uses gets the mean box of all masks.
+    """
+    total = np.zeros((codebook_size, 4))
+    counts = np.zeros(codebook_size)
+    for (source, image_id), rec in records.items():
+        for ann in rec.anns:
+            if (source, image_id, ann.ann_id) not in table:
+                continue
+            c0, _ = table.get(source, image_id, ann.ann_id)
+            x0, y0, x1, y1 = rec.box(ann.ann_id)  # inclusive pixels
+            w, h = x1 - x0 + 1, y1 - y0 + 1
+            total[c0] += ((x0 + w / 2) / rec.width, (y0 + h / 2) / rec.height, w / rec.width, h / rec.height)
+            counts[c0] += 1
+    if counts.sum() == 0:
+        raise ValueError("no mask of the records is in the code table: nothing to take code geometry from")
+    mean = total.sum(0) / counts.sum()
+    centroids = np.where(counts[:, None] > 0, total / np.maximum(counts[:, None], 1), mean)
+    return centroids, counts
+
+
+def box_features(boxes: np.ndarray, frequencies: Sequence[float] = GEOMETRY_FREQUENCIES) -> torch.Tensor:
+    """``(N, 4)`` boxes in [0, 1] → ``(N, 1 + 8·F)`` features: a constant, then sin and cos of
+    ``pi · f · coordinate`` for every frequency ``f``. Their dot product is a kernel that peaks at
+    equal boxes: ``1 + sum_f sum_coord cos(pi f (a - b))``."""
+    b = torch.as_tensor(np.asarray(boxes), dtype=torch.float32)
+    parts = [torch.ones(b.shape[0], 1)]
+    for f in frequencies:
+        parts += [torch.sin(math.pi * f * b), torch.cos(math.pi * f * b)]
+    return torch.cat(parts, dim=1)
+
+
+@torch.no_grad()
+def init_first_code_rows_from_geometry(model, tokenizer, centroids: np.ndarray, seed: int = 0,
+                                       head_norm: float = 1.0) -> list[int]:
+    """First-code rows from the mean box of each code's masks (an option beyond the release).
+
+    The first code of a mask is, to a good approximation, a cell of box space (docs/sft.md: nearest
+    box centroid finds the code's mask with IoU 0.74 on held-out objects). Row ``k`` of the output
+    head becomes ``Q · box_features(centroid_k)``, normalised to ``head_norm``, with ``Q`` a fixed random
+    orthonormal map to the model width: the logits of the first code are then a kernel over boxes,
+    so a hidden state that points at a place scores the codes of nearby masks together, and a nearly
+    right answer picks a nearby mask. An untied input embedding gets the same directions at the
+    median norm of its text rows. Depth-1 codes keep their rows. Returns the token ids written.
+    """
+    ids = mask_code_token_ids(tokenizer)
+    k = len(centroids)
+    first = torch.as_tensor(ids[:k], dtype=torch.long)
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    hidden = emb.shape[1]
+    feats = box_features(centroids)
+    if feats.shape[1] > hidden:
+        raise ValueError(f"{feats.shape[1]} box features do not fit a model width of {hidden}")
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(hidden, feats.shape[1], generator=g))
+    rows = feats @ q.t()
+    rows = rows / rows.norm(dim=1, keepdim=True)
+    untied = head is not None and head.weight.data_ptr() != emb.data_ptr()
+    target = head.weight if untied else emb
+    target.index_copy_(0, first.to(target.device), (rows * head_norm).to(target.device, target.dtype))
+    if untied:
+        text_norm = emb[: min(ids) - 1].float().norm(dim=1).median()
+        emb.index_copy_(0, first.to(emb.device), (rows * text_norm).to(emb.device, emb.dtype))
+    return first.tolist()
+
+
+def freeze_rows(weight: torch.nn.Parameter, rows: Sequence[int]):
+    """Keep ``rows`` of a trained matrix at their values: their gradient is zeroed (with AdamW and
+    weight decay 0 they then never move). Returns the hook handle."""
+    keep = torch.ones(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
+    keep[torch.as_tensor(list(rows), dtype=torch.long, device=weight.device)] = 0
+    return weight.register_hook(lambda grad: grad * keep)

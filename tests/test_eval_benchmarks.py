@@ -91,7 +91,7 @@ def test_a_perfect_oracle_scores_perfectly(synth, tmp_path, kind):
         assert m["span_exact"] == m["first_code_exact"] == 1.0
     elif kind == "refcoco":
         assert m["cIoU"] == m["gIoU"] == m["Pr@0.9"] == 1.0 and m["count"] == report["num_samples"]
-        assert m["span_exact"] == m["first_code_exact"] == 1.0
+        assert m["span_exact"] == m["first_code_exact"] == m["label_echo"] == 1.0
     elif kind == "gcg":
         assert m["AP50"] == m["mIoU"] == m["recall"] == 1.0
         assert m["num_pred_masks"] == m["num_gt_masks"] > 0 and m["num_images"] == report["num_samples"]
@@ -128,6 +128,22 @@ def test_span_match_counts_sets_of_code_pairs_and_first_codes():
     ]
     stats = ReferringBenchmark.span_match_stats(results)
     assert stats == {"span_exact": 3 / 8, "first_code_exact": 4 / 8}
+
+
+def test_label_echo_counts_answers_that_repeat_the_expression():
+    from samtok.eval.benchmarks import ReferringBenchmark
+
+    def result(expression, labels, num_spans=1):
+        return {"meta": {"expression": expression}, "labels": labels, "num_spans": num_spans}
+
+    results = [
+        result("the red  circle", ["The red circle"]),      # case and spaces ignored
+        result("the red circle", ["the red star"]),         # the wrong noun
+        result("the bar", []),                              # a span without a label
+        result("the bar", [], num_spans=0),                 # no span (e.g. No target.): not counted
+    ]
+    assert ReferringBenchmark.label_echo(results) == {"label_echo": 1 / 3}
+    assert ReferringBenchmark.label_echo([{"meta": {}, "labels": ["x"], "num_spans": 1}]) == {}
 
 
 # ------------------------------------------------------------------------------------------ tiny random model

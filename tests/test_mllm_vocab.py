@@ -1,5 +1,6 @@
 """Mask words in the vocabulary and their embedding rows: tiny BPE tokenizer and the REAL Qwen2.5 one."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -268,3 +269,92 @@ def test_code_rows_from_codebooks_keep_the_codebook_geometry():
         r = torch.nn.functional.normalize(rows[d * 256:(d + 1) * 256], dim=1)
         torch.testing.assert_close(r @ r.t(), cos_books, rtol=1e-3, atol=1e-3)
     assert model.get_output_embeddings().weight.data_ptr() == emb.data_ptr()  # still tied
+
+
+# ---------------------------------------------------------------- first-code rows from code geometry
+class _Rec:
+    """An image record stand-in: square masks given by xyxy boxes (the real ``ImageRecord.box`` decodes)."""
+
+    def __init__(self, boxes: dict, size: int = 100):
+        self.width = self.height = size
+        self.anns = [type("Ann", (), {"ann_id": a})() for a in boxes]
+        self._boxes = boxes
+
+    def box(self, ann_id):
+        return self._boxes[ann_id]
+
+
+def test_code_box_centroids_average_the_boxes_of_each_first_code():
+    from samtok.data.pretokenize import CodeTable
+    from samtok.mllm.vocab import code_box_centroids
+
+    table = CodeTable.from_dict({("s", "1", "a"): (3, 7), ("s", "1", "b"): (3, 9), ("s", "2", "c"): (5, 0)}, codebook_size=8)
+    records = {("s", "1"): _Rec({"a": (0, 0, 9, 9), "b": (10, 10, 29, 29), "x": (0, 0, 99, 99)}),  # x: not in the table
+               ("s", "2"): _Rec({"c": (50, 60, 69, 99)})}
+    cent, counts = code_box_centroids(table, records, codebook_size=8)
+    assert counts.tolist() == [0, 0, 0, 2, 0, 1, 0, 0]
+    np.testing.assert_allclose(cent[3], [(0.05 + 0.20) / 2, (0.05 + 0.20) / 2, 0.15, 0.15])
+    np.testing.assert_allclose(cent[5], [0.60, 0.80, 0.20, 0.40])
+    np.testing.assert_allclose(cent[0], (2 * cent[3] + cent[5]) / 3)  # unused codes: the mean box
+    with pytest.raises(ValueError, match="no mask"):
+        code_box_centroids(CodeTable.from_dict({("t", "9", "z"): (1, 1)}, codebook_size=8), records, 8)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_geometry_rows_score_nearby_boxes_together_and_leave_other_rows(tied):
+    from samtok.mllm.models import TinyModelConfig, build_tiny
+    from samtok.mllm.vocab import init_first_code_rows_from_geometry, mask_code_token_ids
+
+    model, proc = build_tiny(TinyModelConfig(hidden_size=64, tie_word_embeddings=tied), corpus=["segment the red star"])
+    tok = proc.tokenizer
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    emb0, head0 = emb.detach().clone(), head.detach().clone()
+    rng = np.random.default_rng(0)
+    cent = np.column_stack([rng.uniform(0.1, 0.9, (256, 2)), rng.uniform(0.05, 0.5, (256, 2))])
+    written = init_first_code_rows_from_geometry(model, tok, cent, head_norm=2.0)
+    ids = mask_code_token_ids(tok)
+    assert written == ids[:256]
+    rows = head[ids[:256]].float()
+    torch.testing.assert_close(rows.norm(dim=1), torch.full((256,), 2.0), rtol=1e-4, atol=1e-4)
+    logits = rows @ rows.t()  # a hidden state equal to code k's row
+    assert torch.equal(logits.argmax(1), torch.arange(256)), "each code's own row scores it highest"
+    dist = torch.as_tensor(np.abs(cent[:, None] - cent[None]).sum(-1), dtype=torch.float32)
+    near = logits[dist < 0.15].mean()
+    far = logits[dist > 0.8].mean()
+    assert near > far + 1.0, (float(near), float(far))
+    # depth-1 rows and text rows untouched
+    assert torch.equal(head[ids[256:]], head0[ids[256:]]) and torch.equal(head[: min(ids) - 1], head0[: min(ids) - 1])
+    if not tied:  # the input rows point the same way at the text rows' norm
+        text_norm = emb0[: min(ids) - 1].norm(dim=1).median()
+        torch.testing.assert_close(emb[ids[:256]].norm(dim=1), text_norm.expand(256), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(torch.nn.functional.normalize(emb[ids[:256]], dim=1), rows / 2.0, rtol=1e-4, atol=1e-4)
+
+
+def test_frozen_rows_do_not_move_under_adamw_and_the_others_do():
+    from samtok.mllm.vocab import freeze_rows
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 10, bias=False)
+    before = head.weight.detach().clone()
+    freeze_rows(head.weight, [2, 5])
+    opt = torch.optim.AdamW(head.parameters(), lr=0.1, weight_decay=0.0)
+    for _ in range(3):
+        loss = torch.nn.functional.cross_entropy(head(torch.randn(16, 8)), torch.randint(0, 10, (16,)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert torch.equal(head.weight[[2, 5]], before[[2, 5]])
+    assert (head.weight[[0, 1, 3, 4]] - before[[0, 1, 3, 4]]).abs().min() > 0
+
+
+def test_embedding_init_std_scales_input_rows_and_keeps_an_untied_head_small():
+    from samtok.core.errors import SamtokError
+    from samtok.mllm.models import TinyModelConfig, build_tiny
+
+    model, proc = build_tiny(TinyModelConfig(hidden_size=64, tie_word_embeddings=False, embedding_init_std=1.0),
+                             corpus=["segment the red star"] * 4)
+    text = len(proc.tokenizer) - 514
+    assert 0.9 < float(model.get_input_embeddings().weight[:text].detach().std()) < 1.1
+    assert 0.015 < float(model.get_output_embeddings().weight[:text].detach().std()) < 0.025
+    with pytest.raises(SamtokError, match="embedding_init_std"):
+        TinyModelConfig(embedding_init_std=0.0).validate()
