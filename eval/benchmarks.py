@@ -190,7 +190,8 @@ class LanguageBenchmark(Benchmark):
     def sampling(self):
         from samtok.mllm.generation import SamplingConfig
 
-        return SamplingConfig(max_new_tokens=max_new_tokens_for(self.cfg, self.kind), do_sample=False)
+        return SamplingConfig(max_new_tokens=max_new_tokens_for(self.cfg, self.kind), do_sample=False,
+                              span_grammar=self.cfg.generation.span_grammar)
 
     def needed_masks(self, sample: TaskSample) -> list[str]:
         """Masks whose codes the conversation needs (targets of the GT answer, masks in the prompt)."""

@@ -64,6 +64,9 @@ class GenerationConfig:
             A system turn before every prompt (`None`: the chat template's default).
         max_prompt_length (`int` or `None`, defaults to `None`):
             Refuse longer prompts (tokens); `None`: no limit.
+        span_grammar (`bool`, defaults to `False`):
+            Decode with :class:`samtok.mllm.generation.MaskSpanGrammar` (well-formed mask spans only).
+            Off by default: the reported numbers are of the model's own answers.
     """
 
     max_new_tokens: MaxNewTokens = field(default_factory=MaxNewTokens)
@@ -72,6 +75,7 @@ class GenerationConfig:
     res_mask: str = "first"
     system_prompt: Optional[str] = None
     max_prompt_length: Optional[int] = None
+    span_grammar: bool = False
 
 
 @dataclass

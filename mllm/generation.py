@@ -47,6 +47,11 @@ class SamplingConfig:
         stop_token_ids (`list[int]` or `None`, defaults to `None`):
             Ids that end a completion; `None` = the tokenizer's eos (`<|im_end|>`) and pad
             (`<|endoftext|>`) ids plus the model's generation-config eos ids.
+        span_grammar (`bool`, defaults to `False`):
+            Constrain decoding to well-formed mask spans (:class:`MaskSpanGrammar`): after
+            `<|mt_start|>` one depth-0 code, one depth-1 code, then `<|mt_end|>`; code words and
+            `<|mt_end|>` nowhere else. For evaluation and inference; refused with log-probs (RL), whose
+            ratios need the unconstrained distribution.
     """
 
     max_new_tokens: int = 256
@@ -56,6 +61,7 @@ class SamplingConfig:
     top_k: int = 0
     repetition_penalty: float = 1.0
     stop_token_ids: Optional[List[int]] = None
+    span_grammar: bool = False
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -81,6 +87,42 @@ class GenerationResult:
     @property
     def lengths(self) -> torch.Tensor:
         return self.completion_mask.sum(dim=1)
+
+
+class MaskSpanGrammar:
+    """A transformers logits processor that only lets well-formed mask spans out.
+
+    After ``<|mt_start|>`` only depth-0 code words may follow, after a depth-0 code only depth-1 codes,
+    after a depth-1 code only ``<|mt_end|>``; anywhere else code words and ``<|mt_end|>`` are masked.
+    Text and ``<|mt_start|>`` are never restricted, so the model still decides whether and where a
+    mask goes. Greedy decoding only changes where the model would have written a malformed span.
+    """
+
+    def __init__(self, tokenizer, codebook_size: Optional[int] = None):
+        from samtok.mllm.vocab import mask_token_ids
+
+        ids = mask_token_ids(tokenizer)  # <|mt_start|>, 2K codes, <|mt_end|>
+        k = codebook_size or (len(ids) - 2) // 2
+        self.start, self.end = ids[0], ids[-1]
+        self.c0 = torch.as_tensor(ids[1:1 + k])
+        self.c1 = torch.as_tensor(ids[1 + k:1 + 2 * k])
+        self.inside = torch.cat([self.c0, self.c1, torch.tensor([self.end])])
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        last = input_ids[:, -1]
+        device = scores.device
+        c0, c1 = self.c0.to(device), self.c1.to(device)
+        allowed = torch.zeros_like(scores, dtype=torch.bool)
+        after_start = last == self.start
+        after_c0 = torch.isin(last, c0)
+        after_c1 = torch.isin(last, c1)
+        allowed[after_start.nonzero(as_tuple=True)[0][:, None], c0[None]] = True
+        allowed[after_c0.nonzero(as_tuple=True)[0][:, None], c1[None]] = True
+        allowed[after_c1, self.end] = True
+        outside = ~(after_start | after_c0 | after_c1)
+        allowed[outside] = True
+        allowed[outside.nonzero(as_tuple=True)[0][:, None], self.inside.to(device)[None]] = False
+        return scores.masked_fill(~allowed, float("-inf"))
 
 
 def stop_ids_for(tokenizer, model=None, extra: Optional[Sequence[int]] = None) -> list[int]:
@@ -176,7 +218,14 @@ def generate(
     stop_ids = stop_ids_for(tok, model, config.stop_token_ids)
     pad_id = int(tok.pad_token_id if tok.pad_token_id is not None else stop_ids[0])
     gen_cfg = _transformers_config(config, stop_ids, pad_id, return_logprobs)
-    out = model.generate(**inputs, generation_config=gen_cfg)
+    extra: dict[str, Any] = {}
+    if config.span_grammar:
+        if return_logprobs:
+            raise ValueError("span_grammar with log-probs: RL needs the unconstrained distribution's log-probs")
+        from transformers import LogitsProcessorList
+
+        extra["logits_processor"] = LogitsProcessorList([MaskSpanGrammar(tok)])
+    out = model.generate(**inputs, generation_config=gen_cfg, **extra)
     prompt_len = int(inputs["input_ids"].shape[1])
     new = out.sequences[:, prompt_len:]
     ids, mask, finished = _trim(new, stop_ids, pad_id)

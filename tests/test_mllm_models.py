@@ -277,3 +277,48 @@ def test_fan_in_init_and_sincos_position_table():
         TinyModelConfig(weight_init="xavier").validate()
     with pytest.raises(SamtokError, match="qwen3_vl"):
         TinyModelConfig(family="qwen2_5_vl", vision_pos_init="sincos").validate()
+
+
+def test_mask_span_grammar_masks_exactly_the_malformed_continuations(tiny):
+    from samtok.mllm.generation import MaskSpanGrammar
+    from samtok.mllm.vocab import mask_token_ids
+
+    _, proc = tiny
+    ids = mask_token_ids(proc.tokenizer)
+    start, c0, c1, end = ids[0], ids[1:257], ids[257:513], ids[513]
+    text = proc.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    grammar = MaskSpanGrammar(proc.tokenizer)
+    vocab = max(ids) + 1
+    last = torch.tensor([[text], [start], [c0[5]], [c1[7]]])
+    out = grammar(last, torch.zeros(4, vocab))
+    allowed = torch.isfinite(out)
+    assert allowed[0].sum() == vocab - 513 and allowed[0, start] and allowed[0, text] and not allowed[0, c0].any()
+    assert not allowed[0, end]  # outside a span: no codes, no end, everything else
+    assert allowed[1].nonzero().flatten().tolist() == c0
+    assert allowed[2].nonzero().flatten().tolist() == c1
+    assert allowed[3].nonzero().flatten().tolist() == [end]
+
+
+def test_greedy_generation_with_the_span_grammar_writes_only_well_formed_spans(tiny):
+    from samtok.mllm.vocab import mask_token_ids
+
+    model, proc = tiny
+    ids = mask_token_ids(proc.tokenizer)
+    conv, images = conversations()[0]
+    batch = dict(generation_collator(proc)([build_prompt_example(proc, conv[:1], images)]))
+    # the answer so far is "<|mt_start|>": a random model goes on with anything; the grammar must give
+    # one depth-0 code, one depth-1 code, <|mt_end|>, then no code word and no <|mt_end|> any more
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        if key in batch:
+            value = ids[0] if key == "input_ids" else (1 if key == "attention_mask" else 0)
+            batch[key] = torch.cat([batch[key], torch.full_like(batch[key][:, :1], value)], dim=1)
+    plain = generate(model, proc, batch, SamplingConfig(max_new_tokens=10))
+    constrained = generate(model, proc, batch, SamplingConfig(max_new_tokens=10, span_grammar=True))
+    out = constrained.completion_ids[0][constrained.completion_mask[0].bool()].tolist()
+    assert ids[1] <= out[0] < ids[257] and ids[257] <= out[1] < ids[513] and out[2] == ids[513], out
+    assert not set(out[3:]) & set(ids[1:]), "no code word or <|mt_end|> outside a span"
+    spans = CODEC.parse("<|mt_start|>" + constrained.texts[0]).spans
+    assert len(spans) >= 1 and spans[0].valid
+    assert plain.texts[0] != constrained.texts[0]
+    with pytest.raises(ValueError, match="span_grammar"):
+        generate(model, proc, batch, SamplingConfig(max_new_tokens=4, span_grammar=True), return_logprobs=True)
