@@ -99,13 +99,14 @@ class MaskSpanGrammar:
     """
 
     def __init__(self, tokenizer, codebook_size: Optional[int] = None):
-        from samtok.mllm.vocab import mask_token_ids
+        from samtok.mllm.vocab import code_token_ids_by_depth, mask_token_ids
+        from samtok.tokenizer.codec import MaskCodec
 
-        ids = mask_token_ids(tokenizer)  # <|mt_start|>, 2K codes, <|mt_end|>
-        k = codebook_size or (len(ids) - 2) // 2
+        codec = MaskCodec(codebook_size) if codebook_size else None
+        ids = mask_token_ids(tokenizer, codec)  # <|mt_start|>, the codes, <|mt_end|>
+        c0, c1 = code_token_ids_by_depth(tokenizer, codec)
         self.start, self.end = ids[0], ids[-1]
-        self.c0 = torch.as_tensor(ids[1:1 + k])
-        self.c1 = torch.as_tensor(ids[1 + k:1 + 2 * k])
+        self.c0, self.c1 = torch.as_tensor(c0), torch.as_tensor(c1)
         self.inside = torch.cat([self.c0, self.c1, torch.tensor([self.end])])
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:

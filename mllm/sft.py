@@ -146,10 +146,11 @@ def unwrap(model):
 
 def code_token_sets(tokenizer, codebook_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids of depth-0 and depth-1 mask words."""
-    from samtok.mllm.vocab import mask_code_token_ids
+    from samtok.mllm.vocab import code_token_ids_by_depth
+    from samtok.tokenizer.codec import MaskCodec
 
-    ids = mask_code_token_ids(tokenizer)
-    return torch.tensor(ids[:codebook_size]), torch.tensor(ids[codebook_size : 2 * codebook_size])
+    c0, c1 = code_token_ids_by_depth(tokenizer, MaskCodec(codebook_size))
+    return torch.tensor(c0), torch.tensor(c1)
 
 
 class SFTLightningModule(L.LightningModule):

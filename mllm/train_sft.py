@@ -108,13 +108,13 @@ def apply_mask_embedding_init(model, processor, cfg: SFTConfig) -> None:
         log.info("first-code rows from the boxes of %d training masks (%d of %d codes used)",
                  int(counts.sum()), int((counts > 0).sum()), len(counts))
     if cfg.model.freeze_first_code_head:
-        from samtok.mllm.vocab import freeze_rows, mask_code_token_ids
+        from samtok.mllm.vocab import code_token_ids_by_depth, freeze_rows
 
         head = model.get_output_embeddings()
         head = head if head is not None else model.get_input_embeddings()
-        k = len(mask_code_token_ids(processor.tokenizer)) // 2
-        freeze_rows(head.weight, mask_code_token_ids(processor.tokenizer)[:k])
-        log.info("first-code output rows frozen (%d)", k)
+        first, _ = code_token_ids_by_depth(processor.tokenizer)
+        freeze_rows(head.weight, first)
+        log.info("first-code output rows frozen (%d)", len(first))
 
 
 def train_sft(cfg: SFTConfig) -> dict:

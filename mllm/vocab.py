@@ -166,6 +166,13 @@ def mask_code_token_ids(tokenizer, codec: Optional[MaskCodec] = None) -> list[in
     return mask_token_ids(tokenizer, codec)[1:-1]
 
 
+def code_token_ids_by_depth(tokenizer, codec: Optional[MaskCodec] = None) -> tuple[list[int], list[int]]:
+    """Ids of the depth-0 code words and of the depth-1 code words (``codec.codebook_size`` each)."""
+    k = _codec(codec).codebook_size
+    ids = mask_code_token_ids(tokenizer, codec)
+    return ids[:k], ids[k:2 * k]
+
+
 def _is_tied(model) -> bool:
     out = model.get_output_embeddings()
     if out is None:
@@ -424,9 +431,8 @@ def init_first_code_rows_from_geometry(model, tokenizer, centroids: np.ndarray, 
     right answer picks a nearby mask. An untied input embedding gets the same directions at the
     median norm of its text rows. Depth-1 codes keep their rows. Returns the token ids written.
     """
-    ids = mask_code_token_ids(tokenizer)
-    k = len(centroids)
-    first = torch.as_tensor(ids[:k], dtype=torch.long)
+    first_ids = code_token_ids_by_depth(tokenizer)[0][: len(centroids)]
+    first = torch.as_tensor(first_ids, dtype=torch.long)
     emb = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
     hidden = emb.shape[1]
@@ -441,7 +447,7 @@ def init_first_code_rows_from_geometry(model, tokenizer, centroids: np.ndarray, 
     target = head.weight if untied else emb
     target.index_copy_(0, first.to(target.device), (rows * head_norm).to(target.device, target.dtype))
     if untied:
-        text_norm = emb[: min(ids) - 1].float().norm(dim=1).median()
+        text_norm = emb[: min(first_ids) - 1].float().norm(dim=1).median()  # rows below <|mt_start|>
         emb.index_copy_(0, first.to(emb.device), (rows * text_norm).to(emb.device, emb.dtype))
     return first.tolist()
 
