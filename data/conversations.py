@@ -219,6 +219,58 @@ class ChatExample:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class TurnGroup:
+    """Referring samples of one image asked one after another in a single conversation (SFT):
+    one image, several requests, each answered in its own assistant turn (:func:`group_turns`)."""
+
+    samples: tuple[ReferringSample, ...]
+
+    @property
+    def source(self) -> str:
+        return self.samples[0].source
+
+    @property
+    def image_id(self) -> str:
+        return self.samples[0].image_id
+
+    @property
+    def sample_id(self) -> str:
+        return "+".join(s.sample_id for s in self.samples)
+
+    @property
+    def task(self) -> str:
+        return self.samples[0].task
+
+    @property
+    def ann_ids(self) -> list[str]:
+        return [a for s in self.samples for a in s.ann_ids]
+
+
+def group_turns(samples: Sequence[TaskSample], turns: int) -> list[TaskSample | TurnGroup]:
+    """Referring samples of the same image, in their order, as conversations of up to ``turns`` requests.
+
+    An image's samples are cut into consecutive groups of ``turns`` (the last may be shorter; a group
+    of one stays a plain sample). Groups are placed where their image's first sample was.
+    """
+    if turns < 1:
+        raise ConversationBuildError(f"turns per image must be >= 1, got {turns}")
+    other = [s for s in samples if not isinstance(s, ReferringSample)]
+    if other:
+        raise ConversationBuildError(
+            f"only referring samples (res, gres) can share a conversation; got {type(other[0]).__name__} "
+            f"{other[0].sample_id}")
+    by_image: dict[tuple[str, str], list[ReferringSample]] = {}
+    for s in samples:
+        by_image.setdefault((s.source, s.image_id), []).append(s)  # type: ignore[arg-type]
+    out: list[TaskSample | TurnGroup] = []
+    for group in by_image.values():
+        for i in range(0, len(group), turns):
+            chunk = tuple(group[i:i + turns])
+            out.append(chunk[0] if len(chunk) == 1 else TurnGroup(chunk))
+    return out
+
+
 # ------------------------------------------------------------------------------------------------
 # pure helpers: geometry
 
@@ -380,8 +432,9 @@ def span_repeats(texts: Sequence[str], codec: Optional[MaskCodec] = None) -> int
     return max(counts.values(), default=0)
 
 
-def sample_task(sample: TaskSample) -> str:
-    """The task name of a sample (region captions with a question are ``region_vqa``)."""
+def sample_task(sample: TaskSample | TurnGroup) -> str:
+    """The task name of a sample (region captions with a question are ``region_vqa``; a
+    :class:`TurnGroup` has its first request's task)."""
     if isinstance(sample, RegionCaptionSample) and sample.question:
         return "region_vqa"
     return sample.task
@@ -608,6 +661,8 @@ def build_example(sample: TaskSample, record: ImageRecord, codes: "CodeTable", c
         MissingCodeError: a mask the conversation needs was not pre-tokenized.
         ConversationBuildError / RecordError: the sample does not fit its record.
     """
+    if isinstance(sample, TurnGroup):
+        return _turn_group(sample, record, codes, cfg, rng)
     if (record.source, record.image_id) != (sample.source, sample.image_id) and not isinstance(sample, ConversationSample):
         raise ConversationBuildError(
             f"sample {sample.sample_id} is of image {sample.source}/{sample.image_id}, record is {record.source}/{record.image_id}")
@@ -638,6 +693,33 @@ def build_example(sample: TaskSample, record: ImageRecord, codes: "CodeTable", c
     return ChatExample(messages=messages, images=images, task=sample_task(sample), source=sample.source,
                        image_id=sample.image_id, sample_id=sample.sample_id, targets=targets,
                        answer=answers[-1], meta=meta)
+
+
+def _turn_group(group: TurnGroup, record: ImageRecord, codes: "CodeTable", cfg: ConversationConfig,
+                rng: np.random.Generator) -> Optional[ChatExample]:
+    """One conversation of a group's requests: the image in the first user turn only."""
+    parts = [build_example(s, record, codes, cfg, rng) for s in group.samples]
+    if any(p is None for p in parts):
+        return None
+    messages: list[dict] = []
+    targets: list[list[str]] = []
+    for k, ex in enumerate(parts):
+        assert ex is not None
+        for m in ex.messages:
+            content = m["content"]
+            if k > 0 and m["role"] == "user":
+                content = content.replace(IMAGE, "").strip()  # the image is shown once, in the first turn
+            messages.append({"role": m["role"], "content": content})
+        targets += ex.targets
+    answers = [m["content"] for m in messages if m["role"] == "assistant"]
+    codec = getattr(codes, "codec", None) or MaskCodec(cfg.codebook_size)
+    if span_repeats(answers, codec) > cfg.max_span_repeats:
+        return None
+    first = parts[0]
+    assert first is not None
+    return ChatExample(messages=messages, images=first.images, task=first.task, source=group.source,
+                       image_id=group.image_id, sample_id=group.sample_id, targets=targets, answer=answers[-1],
+                       meta={"turns": [p.meta for p in parts if p is not None]})
 
 
 def _last_assistant(messages: Sequence[dict]) -> int:

@@ -563,6 +563,9 @@ class RLDataModule(L.LightningDataModule):
             return
         data = _open(self.mixture, [self.split])
         conv = data.config.conversation
+        grouped = [e.name for e in data.config.entries_of([self.split]) if e.turns_per_image > 1]
+        if grouped:
+            raise ConfigError(f"RL asks one request per prompt: set turns_per_image: 1 for mixture entries {grouped}")
         items = data.items([self.split])
         if self.tasks is not None:
             from samtok.data.conversations import sample_task

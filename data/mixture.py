@@ -31,8 +31,11 @@ import numpy as np
 from samtok.core.config import ConfigError, load_config
 from samtok.data.conversations import (
     TASK_NAMES,
+    ConversationBuildError,
     ConversationConfig,
+    TurnGroup,
     add_distractor_categories,
+    group_turns,
     needs_crop,
     sample_task,
 )
@@ -60,6 +63,7 @@ class MixtureEntry:
     repeat: float = 1.0  # sampling rate (the release's name%NNN / 100)
     split: str = "train"  # train | val | test
     max_samples: Optional[int] = None  # keep a seeded subset of this many samples (before repeat)
+    turns_per_image: int = 1  # train entries of res/gres: an image's requests asked in one conversation of up to N turns
 
 
 @dataclass
@@ -91,6 +95,12 @@ class MixtureConfig:
                 raise ConfigError(f"mixture entry {e.name!r}: repeat must be >= 0, got {e.repeat}")
             if e.max_samples is not None and e.max_samples < 0:
                 raise ConfigError(f"mixture entry {e.name!r}: max_samples must be >= 0")
+            if e.turns_per_image < 1:
+                raise ConfigError(f"mixture entry {e.name!r}: turns_per_image must be >= 1, got {e.turns_per_image}")
+            if e.turns_per_image > 1 and (e.split != "train" or not e.tasks or set(e.tasks) - {"res", "gres"}):
+                raise ConfigError(f"mixture entry {e.name!r}: turns_per_image > 1 needs split: train and tasks "
+                                  f"among [res, gres] (got split {e.split!r}, tasks {e.tasks}); held-out "
+                                  "prompts are always asked one per conversation")
         self.conversation.validate()
         return self
 
@@ -124,8 +134,15 @@ class EntryData:
     entry: MixtureEntry
     samples: list[TaskSample]
 
-    def repeated(self, seed: int) -> list[TaskSample]:
-        return apply_repeat(self.samples, self.entry.repeat, stable_seed(seed, "repeat", self.entry.name))
+    def repeated(self, seed: int) -> list[TaskSample | TurnGroup]:
+        """The samples (grouped by image when ``turns_per_image`` > 1, before the repeat) with the repeat applied."""
+        units: list = self.samples
+        if self.entry.turns_per_image > 1:
+            try:
+                units = group_turns(self.samples, self.entry.turns_per_image)
+            except ConversationBuildError as e:
+                raise ConfigError(f"mixture entry {self.entry.name!r}: {e}") from None
+        return apply_repeat(units, self.entry.repeat, stable_seed(seed, "repeat", self.entry.name))
 
 
 @dataclass

@@ -80,6 +80,8 @@ class SceneQAConfig:
         corpus_samples: conversations of that mixture read for the BPE.
         save_model: write the trained model to ``out_dir/final`` (``samtok pretrain``).
         out_dir: where ``report.json`` (and ``final/``) go; None: nowhere.
+        image_position: ``before`` the question (Qwen-VL's usual order) or ``after`` it; after, the
+            image tokens can attend to the question's words (causal attention) — see docs/sft.md.
     """
 
     model: TinyModelConfig = field(default_factory=TinyModelConfig)
@@ -98,6 +100,7 @@ class SceneQAConfig:
     corpus_samples: int = 4000
     save_model: bool = False
     out_dir: Optional[str] = "runs/vision_check"
+    image_position: str = "before"
 
     def validate(self) -> None:
         unknown = [q for q in self.questions if q not in QUESTIONS]
@@ -108,6 +111,8 @@ class SceneQAConfig:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
         if not 0.0 <= self.warmup_fraction < 1.0:
             raise ConfigError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if self.image_position not in ("before", "after"):
+            raise ConfigError(f"image_position must be 'before' or 'after', got {self.image_position!r}")
         if self.save_model and not self.out_dir:
             raise ConfigError("save_model needs an out_dir")
         self.model.validate()
@@ -119,9 +124,11 @@ class QuestionSample:
     prompt: str
     image: np.ndarray  # (H, W, 3) uint8
     answer: str
+    image_position: str = "before"
 
     def messages(self, with_answer: bool = True) -> list[dict]:
-        msgs = [{"role": "user", "content": "<image>\n" + self.prompt}]
+        content = ("<image>\n" + self.prompt) if self.image_position == "before" else (self.prompt + "\n<image>")
+        msgs = [{"role": "user", "content": content}]
         if with_answer:
             msgs.append({"role": "assistant", "content": self.answer})
         return msgs
@@ -283,6 +290,10 @@ def run_scene_qa(cfg: SceneQAConfig, progress: bool = True) -> dict:
                   for q in cfg.questions}
     val_sets = {q: make_samples(q, cfg.val_images, seed=2 * cfg.seed + 1, image_size=cfg.image_size)
                 for q in cfg.questions}
+    if cfg.image_position != "before":
+        for samples in (*train_sets.values(), *val_sets.values()):
+            for s in samples:
+                s.image_position = cfg.image_position
     train_all = [s for q in cfg.questions for s in train_sets[q]]
     extra = _sft_corpus(cfg.corpus_from, cfg.corpus_samples) if cfg.corpus_from else []
     model, processor = build_model(cfg.model, train_all, extra)

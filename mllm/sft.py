@@ -93,6 +93,7 @@ class GenerationValSettings:
     max_new_tokens: int = 96
     baselines: bool = True  # also score "most frequent span" and "No target." answers
     train_examples: int = 0  # >0: greedy exact span match on this many TRAINING examples (the plumbing check)
+    every_validation: bool = False  # also at every validation during training: a curve over steps and minutes (full fine-tuning only)
 
 
 def parameter_group(name: str) -> str:

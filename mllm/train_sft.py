@@ -7,11 +7,16 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import lightning as L
+from lightning.pytorch.trainer.states import TrainerFn
+
+from samtok.core.config import ConfigError
 from samtok.core.runtime import get_logger, seed_everything
 from samtok.core.trainer import TrainerConfig
 from samtok.mllm.sft import (
@@ -81,7 +86,6 @@ def build_model_and_processor(cfg: SFTConfig):
 def apply_mask_embedding_init(model, processor, cfg: SFTConfig) -> None:
     """Optionally replace the statistics-based rows of the code words (codebooks or code geometry),
     and freeze the first codes' output rows when asked."""
-    from samtok.core.config import ConfigError
 
     mode = cfg.model.mask_embedding_init
     if mode not in ("statistics", "codebook", "geometry"):
@@ -143,6 +147,8 @@ def train_sft(cfg: SFTConfig) -> dict:
     )
     module = SFTLightningModule(model, processor.tokenizer, cfg.optim, total_steps=cfg.trainer.max_steps)
     callbacks = [StepProgress(cfg.trainer.max_steps, "sft", ("train/loss", "train/acc_c0"))] if cfg.progress_bar else []
+    curve = GenerationCurve(cfg, processor, out, t0, origin) if cfg.generation_val.every_validation else None
+    callbacks += [curve] if curve is not None else []
     trainer = build_trainer(cfg.trainer, out, per_device_batch=cfg.data.batch_size, callbacks=callbacks,
                             limit_val_batches=max(1, cfg.data.val_samples // max(1, cfg.data.batch_size)),
                             **TRAINER_KWARGS)
@@ -162,6 +168,8 @@ def train_sft(cfg: SFTConfig) -> dict:
         if cfg.generation_val.enabled:
             summary["generation"] = validate_by_generation(out / "final", cfg)
             log_generation(trainer, out / "val_generation" / "model", summary["generation"])
+            if curve is not None:
+                summary["curve"] = curve.points + [curve_point(summary["steps"], minutes, summary["generation"])]
         if cfg.generation_val.train_examples > 0:
             from samtok.mllm.validation import training_set_exact_match
 
@@ -186,16 +194,64 @@ def gathered_parameters(model, trainer_cfg: TrainerConfig):
     return nullcontext()
 
 
-def validate_by_generation(model_dir: Path, cfg: SFTConfig) -> dict[str, float]:
-    """RES/GRES metrics of the saved model on held-out data, next to constant-answer baselines."""
+CURVE_KEYS = ("res/cIoU", "res/gIoU", "res/label_echo", "res/masks_per_answer", "gres/gIoU", "gres/N-acc", "gres/T-acc")
+"""The generation metrics kept per point of the curve (``summary.json`` ``curve``)."""
+
+
+def curve_point(step: int, minutes: float, results: dict[str, float]) -> dict[str, float]:
+    return {"step": int(step), "minutes": round(float(minutes), 2), **{k: results[k] for k in CURVE_KEYS if k in results}}
+
+
+class GenerationCurve(L.Callback):
+    """``generation_val.every_validation``: after each validation while fitting, the model as it is then
+    is saved to ``out/curve/step_N/weights``, scored like the final one (without the constant baselines,
+    which do not change) into ``out/curve/step_N``, and its weights are removed again. ``points``
+    collects step, minutes since the start and :data:`CURVE_KEYS`; TensorBoard gets ``generation/*``
+    at that step. Full fine-tuning only: merging LoRA for the save would end the adapters."""
+
+    def __init__(self, cfg: SFTConfig, processor, out: Path, t0: float, origin: dict):
+        if cfg.lora.enabled:
+            raise ConfigError("generation_val.every_validation needs full fine-tuning (lora.enabled: false): "
+                              "saving mid-training would merge the LoRA adapters into the weights")
+        self.cfg, self.processor, self.out, self.t0, self.origin = cfg, processor, out, t0, origin
+        self.points: list[dict[str, float]] = []
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        from samtok.mllm.export import save_trained_model
+
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING or trainer.global_step == 0:
+            return
+        step = trainer.global_step
+        where = self.out / "curve" / f"step_{step:06d}"
+        info = {"stage": "sft", "recipe": "samtok sft", "steps": step, **self.origin}
+        with gathered_parameters(pl_module.model, self.cfg.trainer):  # every rank enters; rank 0 writes
+            if trainer.is_global_zero:
+                save_trained_model(pl_module.model, self.processor, where / "weights", self.cfg.data.tokenizer, info)
+        if not trainer.is_global_zero:
+            return
+        results = validate_by_generation(where / "weights", self.cfg, out_dir=where, baselines=False)
+        shutil.rmtree(where / "weights")  # the reports (where/model/<benchmark>) stay
+        point = curve_point(step, (time.time() - self.t0) / 60, results)
+        self.points.append(point)
+        if trainer.logger is not None and hasattr(trainer.logger.experiment, "add_scalar"):
+            for key in CURVE_KEYS:
+                if key in point:
+                    trainer.logger.experiment.add_scalar(f"generation/{key}", point[key], step)
+
+
+def validate_by_generation(model_dir: Path, cfg: SFTConfig, out_dir: Optional[Path] = None,
+                           baselines: Optional[bool] = None) -> dict[str, float]:
+    """RES/GRES metrics of the saved model on held-out data, next to constant-answer baselines
+    (``baselines`` overrides ``generation_val.baselines``; reports go to ``out_dir``, default
+    ``out_dir/val_generation`` of the run)."""
     from samtok.mllm.validation import ValidationSpec, generation_validation
 
     g = cfg.generation_val
     spec = ValidationSpec(mixture=cfg.data.mixture, tokenizer=cfg.data.tokenizer, data=dict(g.data),
                           tasks=list(g.tasks), max_samples=g.max_samples, max_new_tokens=g.max_new_tokens,
-                          baselines=g.baselines, pretokenized=cfg.data.pretokenized)
+                          baselines=g.baselines if baselines is None else baselines, pretokenized=cfg.data.pretokenized)
     t0 = time.time()
-    results = generation_validation(model_dir, spec, Path(cfg.out_dir) / "val_generation")
+    results = generation_validation(model_dir, spec, out_dir or Path(cfg.out_dir) / "val_generation")
     log.info("generation validation in %.1f min: %s", (time.time() - t0) / 60,
              ", ".join(f"{k} {v:.3f}" for k, v in sorted(results.items()) if "/" in k and "baseline" not in k))
     return results
@@ -228,6 +284,14 @@ def print_results(summary: dict, cfg: SFTConfig) -> None:
     print(f"\nSFT validation after {summary['steps']} steps ({summary['minutes']:.1f} min):")
     if summary.get("generation") or summary.get("teacher_forced"):
         print(baseline_table(summary.get("generation", {}), summary.get("teacher_forced"), majority))
+    points = summary.get("curve") or []
+    if points:
+        keys = [k for k in CURVE_KEYS if k in points[-1]]
+        print("\nheld-out generation over training (greedy; generation_val.every_validation):")
+        print("| step | minutes | " + " | ".join(keys) + " |")
+        print("| --- | --- | " + " | ".join("---" for _ in keys) + " |")
+        for p in points:
+            print(f"| {p['step']} | {p['minutes']:.1f} | " + " | ".join(f"{p[k]:.3f}" if k in p else "" for k in keys) + " |")
     t = summary.get("training_set")
     if t:
         print(f"training set ({int(t['train/examples'])} examples, training prompts, greedy): spans exact in order "

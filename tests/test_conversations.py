@@ -1,6 +1,7 @@
 """Conversations for every task (spec §2): exact answer strings, ordering, zoom-in crops, dropping, determinism."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,12 +13,14 @@ from samtok.data.conversations import (
     ConversationBuildError,
     ConversationConfig,
     ImageRef,
+    TurnGroup,
     add_distractor_categories,
     box_area_ratio,
     build_example,
     crop_key,
     crop_mask,
     fill_expression,
+    group_turns,
     load_image_ref,
     order_by_position,
     prompt_only,
@@ -398,6 +401,21 @@ def test_config_validation():
         ConversationConfig(referring_templates=["Segment it."]).validate()
     with pytest.raises(ConversationBuildError, match="crop_context"):
         ConversationConfig(crop_context=0.5).validate()
+
+
+def test_a_turn_group_is_one_conversation_with_the_image_in_the_first_turn(record):
+    a = ref(expression="the red square", target_ids=["a"])
+    b = ReferringSample(source="s", image_id="img1", sample_id="g", expression="purple things", generalized=True)
+    ex = build(TurnGroup((a, b)), record)
+    single_a, single_b = build(a, record), build(b, record)
+    assert ex.messages == single_a.messages + [{"role": "user", "content": "Please segment purple things in this image."},
+                                               single_b.messages[1]]
+    assert ex.targets == [["a"], []] and ex.answer == "No target." and ex.images == single_a.images
+    assert ex.sample_id == "r+g" and ex.task == "res"
+    assert group_turns([a, b, replace(a, image_id="img2", sample_id="c")], 2) == [TurnGroup((a, b)),
+                                                                                  replace(a, image_id="img2", sample_id="c")]
+    with pytest.raises(ConversationBuildError, match="referring"):
+        group_turns([a, region("a")], 2)
 
 
 def test_importing_samtok_data_stays_light():

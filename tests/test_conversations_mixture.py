@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from samtok.core.config import ConfigError, repo_root
-from samtok.data.conversations import needs_crop, sample_task
+from samtok.data.conversations import TurnGroup, needs_crop, sample_task
 from samtok.data.mixture import (
     MixtureConfig,
     MixtureEntry,
@@ -72,6 +72,24 @@ def test_load_mixture_filters_tasks_and_applies_repeats(synth):
     assert data.items(["train"]) == load_mixture(cfg).items(["train"])  # seeded
     assert {sample_task(s) for _, s in data.items(["val"])} >= {"res", "gres", "gcg", "region_caption", "mr_seg"}
     assert len(data.images()) == 8  # one record per image, shared by the entries
+
+
+def test_turns_per_image_groups_an_images_requests_before_the_repeat(synth):
+    cfg = MixtureConfig(entries=[entry(synth, "res", ["res"], 2.0, turns_per_image=2)])
+    data = load_mixture(cfg)
+    samples = data.entries[0].samples
+    units = [s for _, s in data.items(["train"])]
+    assert len(units) == 2 * len({(s.source, s.image_id) for s in samples})  # 2 requests per image, repeated twice
+    assert all(isinstance(u, TurnGroup) and len(u.samples) == 2 and len({x.image_id for x in u.samples}) == 1
+               for u in units)
+    assert sorted(x.sample_id for u in units[: len(units) // 2] for x in u.samples) == sorted(s.sample_id for s in samples)
+    assert {sample_task(u) for u in units} == {"res"}
+    with pytest.raises(ConfigError, match="turns_per_image"):
+        MixtureConfig(entries=[entry(synth, "a", ["res"], split="val", turns_per_image=2)]).validate()
+    with pytest.raises(ConfigError, match="turns_per_image"):
+        MixtureConfig(entries=[entry(synth, "a", ["res", "gcg"], turns_per_image=2)]).validate()
+    with pytest.raises(ConfigError, match="turns_per_image"):
+        MixtureConfig(entries=[entry(synth, "a", ["res"], turns_per_image=0)]).validate()
 
 
 def test_max_samples_and_ov_distractors(synth):

@@ -30,9 +30,9 @@ def run(tmp_path_factory):
                            "bpe_vocab_size": 300}},
         "data": {"mixture": str(paths["mixture"]), "pretokenized": str(paths["pretok"]), "tokenizer": str(paths["tok"]),
                  "batch_size": 4, "val_samples": 4},
-        "generation_val": {"max_samples": 3, "max_new_tokens": 24, "train_examples": 5,
+        "generation_val": {"max_samples": 3, "max_new_tokens": 24, "train_examples": 5, "every_validation": True,
                            "data": {"kind": "synthetic", "args": {"root": str(paths["synth"]), "split": "val"}}},
-        "trainer": {"max_steps": 3, "max_minutes": None, "val_every_n_steps": 0, "checkpoint_every_n_steps": 0,
+        "trainer": {"max_steps": 3, "max_minutes": None, "val_every_n_steps": 2, "checkpoint_every_n_steps": 0,
                     "log_every_n_steps": 1,
                     "threads": 1},
         "progress_bar": False,
@@ -85,3 +85,30 @@ def test_sft_tensorboard_has_losses_generation_metrics_and_prediction_figures(ru
         tags["images"] |= set(acc.Tags()["images"])
     assert "train/loss" in tags["scalars"] and "generation/res/cIoU" in tags["scalars"]
     assert {"predictions/refcoco_best", "predictions/refcoco_worst"} <= tags["images"]
+
+
+@pytest.mark.slow
+def test_sft_scores_held_out_prompts_at_every_validation_for_a_curve(run):
+    summary = json.loads((run["run"] / "summary.json").read_text())
+    curve = summary["curve"]
+    assert [p["step"] for p in curve] == [2, 3]  # the validation at step 2, then the final model
+    assert 0 < curve[0]["minutes"] <= curve[1]["minutes"]
+    for p in curve:
+        for key in ("res/cIoU", "res/gIoU", "res/masks_per_answer"):
+            assert 0.0 <= p[key] <= 1.0, key
+    assert curve[1]["res/cIoU"] == summary["generation"]["res/cIoU"]
+    mid = run["run"] / "curve" / "step_000002"
+    assert (mid / "model" / "refcoco" / "predictions.jsonl").is_file()
+    assert not (mid / "weights").exists() and not list(mid.rglob("*.safetensors"))
+    assert not (mid / "baseline_majority_span").exists()  # the constant answers are scored once, at the end
+    assert "held-out generation over training" in run["stdout"]
+
+
+def test_the_curve_refuses_lora():
+    from samtok.core.config import ConfigError
+    from samtok.mllm.train_sft import GenerationCurve, SFTConfig
+
+    cfg = SFTConfig()
+    cfg.lora.enabled = True
+    with pytest.raises(ConfigError, match="every_validation"):
+        GenerationCurve(cfg, None, Path("."), 0.0, {})

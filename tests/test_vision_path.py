@@ -146,3 +146,12 @@ def test_vision_check_rejects_unknown_questions():
         SceneQAConfig(questions=["colour", "weather"]).validate()
     with pytest.raises(ConfigError, match="unknown question"):
         make_samples("weather", 1, seed=0)
+    with pytest.raises(ConfigError, match="image_position"):
+        SceneQAConfig(image_position="middle").validate()
+
+
+def test_the_probe_can_put_the_image_after_the_question():
+    s = make_samples("ground", 1, seed=0)[0]
+    assert s.messages(False) == [{"role": "user", "content": "<image>\n" + s.prompt}]
+    s.image_position = "after"
+    assert s.messages() == [{"role": "user", "content": s.prompt + "\n<image>"}, {"role": "assistant", "content": s.answer}]
