@@ -711,10 +711,7 @@ def _turn_group(group: TurnGroup, record: ImageRecord, codes: "CodeTable", cfg: 
                 content = content.replace(IMAGE, "").strip()  # the image is shown once, in the first turn
             messages.append({"role": m["role"], "content": content})
         targets += ex.targets
-    answers = [m["content"] for m in messages if m["role"] == "assistant"]
-    codec = getattr(codes, "codec", None) or MaskCodec(cfg.codebook_size)
-    if span_repeats(answers, codec) > cfg.max_span_repeats:
-        return None
+    answers = [m["content"] for m in messages if m["role"] == "assistant"]  # max_span_repeats: per request (above)
     first = parts[0]
     assert first is not None
     return ChatExample(messages=messages, images=first.images, task=first.task, source=group.source,

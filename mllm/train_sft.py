@@ -147,7 +147,8 @@ def train_sft(cfg: SFTConfig) -> dict:
     )
     module = SFTLightningModule(model, processor.tokenizer, cfg.optim, total_steps=cfg.trainer.max_steps)
     callbacks = [StepProgress(cfg.trainer.max_steps, "sft", ("train/loss", "train/acc_c0"))] if cfg.progress_bar else []
-    curve = GenerationCurve(cfg, processor, out, t0, origin) if cfg.generation_val.every_validation else None
+    scored = cfg.generation_val.enabled and cfg.generation_val.every_validation
+    curve = GenerationCurve(cfg, processor, out, t0, origin) if scored else None
     callbacks += [curve] if curve is not None else []
     trainer = build_trainer(cfg.trainer, out, per_device_batch=cfg.data.batch_size, callbacks=callbacks,
                             limit_val_batches=max(1, cfg.data.val_samples // max(1, cfg.data.batch_size)),
@@ -169,7 +170,8 @@ def train_sft(cfg: SFTConfig) -> dict:
             summary["generation"] = validate_by_generation(out / "final", cfg)
             log_generation(trainer, out / "val_generation" / "model", summary["generation"])
             if curve is not None:
-                summary["curve"] = curve.points + [curve_point(summary["steps"], minutes, summary["generation"])]
+                earlier = [p for p in curve.points if p["step"] != summary["steps"]]  # e.g. a max_minutes stop
+                summary["curve"] = earlier + [curve_point(summary["steps"], minutes, summary["generation"])]
         if cfg.generation_val.train_examples > 0:
             from samtok.mllm.validation import training_set_exact_match
 
@@ -219,9 +221,10 @@ class GenerationCurve(L.Callback):
     def on_validation_end(self, trainer, pl_module) -> None:
         from samtok.mllm.export import save_trained_model
 
-        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING or trainer.global_step == 0:
-            return
         step = trainer.global_step
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING or not 0 < step < self.cfg.trainer.max_steps:
+            return  # the model of the last step is scored after training, with the baselines
+        minutes = (time.time() - self.t0) / 60  # wall minutes since the start, earlier curve passes included
         where = self.out / "curve" / f"step_{step:06d}"
         info = {"stage": "sft", "recipe": "samtok sft", "steps": step, **self.origin}
         with gathered_parameters(pl_module.model, self.cfg.trainer):  # every rank enters; rank 0 writes
@@ -229,9 +232,11 @@ class GenerationCurve(L.Callback):
                 save_trained_model(pl_module.model, self.processor, where / "weights", self.cfg.data.tokenizer, info)
         if not trainer.is_global_zero:
             return
-        results = validate_by_generation(where / "weights", self.cfg, out_dir=where, baselines=False)
-        shutil.rmtree(where / "weights")  # the reports (where/model/<benchmark>) stay
-        point = curve_point(step, (time.time() - self.t0) / 60, results)
+        try:
+            results = validate_by_generation(where / "weights", self.cfg, out_dir=where, baselines=False)
+        finally:
+            shutil.rmtree(where / "weights", ignore_errors=True)  # the reports (where/model/<benchmark>) stay
+        point = curve_point(step, minutes, results)
         self.points.append(point)
         if trainer.logger is not None and hasattr(trainer.logger.experiment, "add_scalar"):
             for key in CURVE_KEYS:

@@ -84,6 +84,7 @@ def test_sft_tensorboard_has_losses_generation_metrics_and_prediction_figures(ru
         tags["scalars"] |= set(acc.Tags()["scalars"])
         tags["images"] |= set(acc.Tags()["images"])
     assert "train/loss" in tags["scalars"] and "generation/res/cIoU" in tags["scalars"]
+    assert "generation/baseline/majority_span/res/cIoU" in tags["scalars"]  # written by the end-of-training pass only
     assert {"predictions/refcoco_best", "predictions/refcoco_worst"} <= tags["images"]
 
 
