@@ -34,7 +34,7 @@ STAGES = (
           "runs/tokenizer/final/model.safetensors", 15),
     Stage("pretokenize", ("pretokenize", "--tokenizer", "runs/tokenizer/final", "--data",
                           "configs/data/synth_mixture.yaml", "--out", "runs/pretok"), "runs/pretok/DONE", 2),
-    Stage("sft", ("sft", "--config", "configs/sft/tiny.yaml"), "runs/sft/final/DONE", 12),
+    Stage("sft", ("sft", "--config", "configs/sft/tiny.yaml"), "runs/sft/final/DONE", 15),
     Stage("rl", ("rl", "--config", "configs/rl/tiny.yaml"), "runs/rl/final/DONE", 8),
     Stage("eval", ("eval", "--config", "configs/eval/tiny.yaml"), "runs/eval/summary.md", 3),
 )
