@@ -698,13 +698,13 @@ def build_example(sample: TaskSample, record: ImageRecord, codes: "CodeTable", c
 def _turn_group(group: TurnGroup, record: ImageRecord, codes: "CodeTable", cfg: ConversationConfig,
                 rng: np.random.Generator) -> Optional[ChatExample]:
     """One conversation of a group's requests: the image in the first user turn only."""
-    parts = [build_example(s, record, codes, cfg, rng) for s in group.samples]
-    if any(p is None for p in parts):
+    built = [build_example(s, record, codes, cfg, rng) for s in group.samples]
+    parts = [p for p in built if p is not None]
+    if len(parts) < len(built):
         return None
     messages: list[dict] = []
     targets: list[list[str]] = []
     for k, ex in enumerate(parts):
-        assert ex is not None
         for m in ex.messages:
             content = m["content"]
             if k > 0 and m["role"] == "user":
@@ -712,11 +712,9 @@ def _turn_group(group: TurnGroup, record: ImageRecord, codes: "CodeTable", cfg: 
             messages.append({"role": m["role"], "content": content})
         targets += ex.targets
     answers = [m["content"] for m in messages if m["role"] == "assistant"]  # max_span_repeats: per request (above)
-    first = parts[0]
-    assert first is not None
-    return ChatExample(messages=messages, images=first.images, task=first.task, source=group.source,
+    return ChatExample(messages=messages, images=parts[0].images, task=parts[0].task, source=group.source,
                        image_id=group.image_id, sample_id=group.sample_id, targets=targets, answer=answers[-1],
-                       meta={"turns": [p.meta for p in parts if p is not None]})
+                       meta={"turns": [p.meta for p in parts]})
 
 
 def _last_assistant(messages: Sequence[dict]) -> int:
