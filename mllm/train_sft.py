@@ -77,10 +77,17 @@ def build_model_and_processor(cfg: SFTConfig):
             min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels,
         )
         report = add_mask_vocabulary(model, processor.tokenizer, seed=cfg.trainer.seed)
-        return model, processor, {"base_model": str(src), "vocabulary": str(report)}
+        return model, processor, {"base_model": str(src), "vocabulary": str(report),
+                                  "mask_words_trained": base_has_trained_mask_words(src)}
     corpus = conversation_corpus(cfg, cfg.corpus_samples)
     model, processor = build_tiny(cfg.model.tiny, corpus=corpus)
     return model, processor, {"base_model": "tiny (random init)", "tiny": cfg.model.tiny.__dict__ | {}}
+
+
+def base_has_trained_mask_words(path) -> bool:
+    """A QwenVL-SAMTok directory (``samtok.json``, written by SFT / GRPO) has trained mask words; any other
+    base (a released Qwen-VL, a ``samtok pretrain`` model) gets them initialised as configured."""
+    return (Path(path) / "samtok.json").is_file()
 
 
 def apply_mask_embedding_init(model, processor, cfg: SFTConfig) -> None:
@@ -133,7 +140,7 @@ def train_sft(cfg: SFTConfig) -> dict:
     seed_everything(cfg.trainer.seed)
     t0 = time.time()
     model, processor, origin = build_model_and_processor(cfg)
-    if not cfg.init_from:
+    if not origin.get("mask_words_trained", False):  # fresh tiny model, released Qwen-VL, `samtok pretrain` model
         apply_mask_embedding_init(model, processor, cfg)
     model = prepare_model_for_training(model, cfg.lora, cfg.model.freeze_vision, cfg.model.gradient_checkpointing)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -113,3 +113,37 @@ def test_the_curve_refuses_lora():
     cfg.lora.enabled = True
     with pytest.raises(ConfigError, match="every_validation"):
         GenerationCurve(cfg, None, Path("."), 0.0, {})
+
+
+@pytest.mark.slow
+def test_sft_from_a_base_without_mask_training_gets_the_configured_mask_rows(run, tmp_path):
+    # `samtok pretrain` writes a model whose mask words were never trained (no samtok.json): SFT from it
+    # must give the first-code output rows the preset's geometry init and keep them frozen, exactly as
+    # for a fresh tiny model; a QwenVL-SAMTok directory (samtok.json) keeps its trained rows
+    from safetensors.torch import load_file
+
+    from samtok.mllm.models import load_model_and_processor, save_model_and_processor
+    from samtok.mllm.train_sft import base_has_trained_mask_words
+    from samtok.mllm.vocab import code_token_ids_by_depth
+
+    trained = run["run"] / "final"
+    assert base_has_trained_mask_words(trained) and not base_has_trained_mask_words(tmp_path)
+    model, processor = load_model_and_processor(trained)
+    first, _ = code_token_ids_by_depth(processor.tokenizer)
+    head = model.get_output_embeddings().weight
+    geometry = head.detach()[first].clone()  # the geometry rows of the fixture's run (same data and seed)
+    with torch.no_grad():
+        head[first] = torch.randn_like(geometry)  # what an untrained base holds
+    base = save_model_and_processor(model, processor, tmp_path / "base")
+    assert not (base / "samtok.json").exists()
+
+    config = tmp_path / "sft.yaml"
+    config.write_text(json.dumps({
+        "_base_": str(run["run"] / "config.yaml"), "init_from": str(base), "out_dir": str(tmp_path / "run"),
+        "resume": "never", "generation_val": {"enabled": False}, "trainer": {"max_steps": 2, "val_every_n_steps": 0},
+    }))
+    rc, out, err = run_cli(["sft", "--config", str(config)])
+    assert rc == 0, err[-3000:]
+    weights = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
+    key = next(k for k in weights if k.endswith("lm_head.weight"))
+    assert torch.allclose(weights[key][first].float(), geometry.float(), atol=1e-6)  # re-initialised and frozen
