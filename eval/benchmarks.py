@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -362,11 +362,37 @@ class ReferringBenchmark(LanguageBenchmark):
     def wants(self, s) -> bool:
         return isinstance(s, ReferringSample) and not s.generalized
 
+    def which_object(self, r: dict, pred: np.ndarray) -> Optional[tuple[bool, int]]:
+        """``(is the referred one, number of annotated masks)`` when the predicted mask has IoU >= 0.5
+        with some annotated mask of the image (the best-matching one); ``None`` when it has none."""
+        record = self.record_of(self.items[r["index"]].sample)
+        if not pred.any() or not record.anns:
+            return None
+        ious = [mask_iou(pred, record.mask(a.ann_id)) for a in record.anns]
+        best = int(np.argmax(ious))
+        if ious[best] < 0.5:
+            return None
+        return record.anns[best].ann_id in set(r["targets"]), len(record.anns)
+
+    def object_choice(self, hits: list[Optional[tuple[bool, int]]]) -> dict[str, float]:
+        """Does the model localise, and does it find THE object the phrase names?
+
+        ``on_an_object``: share of answers whose mask has IoU >= 0.5 with some annotated mask of the image;
+        ``right_object``: of those, the share where it is the referred one; ``right_object_chance``: the
+        same for a model that picks one of the image's annotated masks at random (mean 1 / count). A model
+        that segments objects but does not bind the phrase to one scores ``right_object`` near the chance."""
+        found = [h for h in hits if h is not None]
+        out = {"on_an_object": len(found) / max(1, len(hits))}
+        if found:
+            out["right_object"] = sum(1 for right, _ in found if right) / len(found)
+            out["right_object_chance"] = float(np.mean([1.0 / n for _, n in found]))
+        return out
+
     def score(self, results: list[dict]) -> Scores:
         from samtok.eval.metrics import RESMetric
 
         metric = RESMetric()
-        per_item = []
+        per_item, hits = [], []
         for r in results:
             size = r["image_size"]
             preds = self.pred_masks(r)
@@ -377,8 +403,9 @@ class ReferringBenchmark(LanguageBenchmark):
             gt = union_masks(self.gt_masks(self.items[r["index"]].sample, r["targets"]), tuple(size))
             metric.update([pred], [gt])
             per_item.append(mask_iou(pred, gt))
+            hits.append(self.which_object(r, pred))
         return Scores({**metric.compute(), **self.span_match_stats(results), **self.label_echo(results),
-                       **self.generation_stats(results)}, per_item)
+                       **self.object_choice(hits), **self.generation_stats(results)}, per_item)
 
 
 class GeneralizedReferringBenchmark(ReferringBenchmark):

@@ -203,7 +203,8 @@ def gathered_parameters(model, trainer_cfg: TrainerConfig):
     return nullcontext()
 
 
-CURVE_KEYS = ("res/cIoU", "res/gIoU", "res/label_echo", "res/masks_per_answer", "gres/gIoU", "gres/N-acc", "gres/T-acc")
+CURVE_KEYS = ("res/cIoU", "res/gIoU", "res/label_echo", "res/masks_per_answer", "res/on_an_object", "res/right_object",
+              "res/right_object_chance", "gres/gIoU", "gres/N-acc", "gres/T-acc")
 """The generation metrics kept per point of the curve (``summary.json`` ``curve``)."""
 
 

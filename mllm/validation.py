@@ -126,11 +126,14 @@ def generation_validation(model_dir: str | Path, spec: ValidationSpec, out_dir: 
 
 TABLE_ROWS = (
     ("res/cIoU", "RES cIoU"), ("res/gIoU", "RES gIoU"), ("res/span_exact", "RES span exact"),
-    ("res/first_code_exact", "RES first code exact"),
+    ("res/first_code_exact", "RES first code exact"), ("res/on_an_object", "RES answers on an object"),
+    ("res/right_object", "RES ... the referred one"),
     ("gres/gIoU", "GRES gIoU"), ("gres/cIoU", "GRES cIoU"), ("gres/N-acc", "GRES N-acc"),
     ("gres/T-acc", "GRES T-acc"), ("gres/span_exact", "GRES span exact"),
 )
 """The generation metrics of :func:`baseline_table`, in order (key in the flat results, row name)."""
+CHANCE_OF = {"res/right_object": "res/right_object_chance"}
+"""Rows whose chance column is a metric of the same results (a random pick among the image's objects)."""
 
 
 def code_majority(pretokenized: str) -> dict[str, float]:
@@ -162,7 +165,7 @@ def baseline_table(generation: dict[str, float], teacher_forced: Optional[dict[s
     for key, label in TABLE_ROWS:
         if key in generation:
             rows.append((label, [generation.get(key), generation.get(f"baseline/majority_span/{key}"),
-                                 generation.get(f"baseline/no_target/{key}"), None]))
+                                 generation.get(f"baseline/no_target/{key}"), generation.get(CHANCE_OF.get(key, ""))]))
     width = max([len("metric")] + [len(r[0]) for r in rows])
     fmt = lambda v: f"{v:>13.3f}" if isinstance(v, float) and v == v else f"{'-':>13}"  # noqa: E731
     lines = [f"{'metric'.ljust(width)}  " + "  ".join(f"{c:>13}" for c in cols)]

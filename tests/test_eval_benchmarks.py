@@ -92,6 +92,7 @@ def test_a_perfect_oracle_scores_perfectly(synth, tmp_path, kind):
     elif kind == "refcoco":
         assert m["cIoU"] == m["gIoU"] == m["Pr@0.9"] == 1.0 and m["count"] == report["num_samples"]
         assert m["span_exact"] == m["first_code_exact"] == m["label_echo"] == 1.0
+        assert m["on_an_object"] == m["right_object"] == 1.0 and 0.0 < m["right_object_chance"] < 1.0
     elif kind == "gcg":
         assert m["AP50"] == m["mIoU"] == m["recall"] == 1.0
         assert m["num_pred_masks"] == m["num_gt_masks"] > 0 and m["num_images"] == report["num_samples"]
@@ -128,6 +129,27 @@ def test_span_match_counts_sets_of_code_pairs_and_first_codes():
     ]
     stats = ReferringBenchmark.span_match_stats(results)
     assert stats == {"span_exact": 3 / 8, "first_code_exact": 4 / 8}
+
+
+def test_which_object_tells_the_referred_object_from_another_and_from_no_object(synth):
+    import numpy as np
+
+    from samtok.eval.benchmarks import make_benchmark
+
+    b = make_benchmark(bench(synth, "refcoco"), config(synth)).load()
+    k, item = next((k, it) for k, it in enumerate(b.items) if len(b.record_of(it.sample).anns) >= 2)
+    record = b.record_of(item.sample)
+    target = item.sample.target_ids[0]
+    other = next(a.ann_id for a in record.anns if a.ann_id != target)
+    r = {"index": k, "targets": [target]}
+    n = len(record.anns)
+    assert b.which_object(r, record.mask(target)) == (True, n)
+    assert b.which_object(r, record.mask(other)) == (False, n)
+    assert b.which_object(r, np.zeros((record.height, record.width), bool)) is None
+    assert b.which_object(r, ~record.mask(target)) is None  # the background is no object
+    hits = [(True, 2), (False, 4), None, None]
+    assert b.object_choice(hits) == {"on_an_object": 0.5, "right_object": 0.5, "right_object_chance": 0.375}
+    assert b.object_choice([None]) == {"on_an_object": 0.0}
 
 
 def test_label_echo_counts_answers_that_repeat_the_expression():
