@@ -120,3 +120,14 @@ def test_overfit_then_export_reproduces_every_answer(tmp_path):
     assert again == texts
     assert (tmp_path / "exported" / "mask_tokenizer" / "model.safetensors").is_file()
     assert "How it was trained" in (tmp_path / "exported" / "README.md").read_text()
+
+
+def test_baseline_table_puts_each_metric_next_to_its_baselines_and_chance():
+    from samtok.mllm.validation import baseline_table
+
+    generation = {"res/cIoU": 0.2, "baseline/majority_span/res/cIoU": 0.3, "baseline/no_target/res/cIoU": 0.0,
+                  "res/right_object": 0.4, "res/right_object_chance": 0.3}
+    lines = {line.split("  ")[0].strip(): line.split()[-4:] for line in baseline_table(generation).splitlines()[1:]}
+    assert lines["RES cIoU"] == ["0.200", "0.300", "0.000", "-"]
+    assert lines["RES ... the referred one"] == ["0.400", "-", "-", "0.300"]
+    assert "RES answers on an object" not in lines  # rows without a value are left out
