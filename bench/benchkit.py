@@ -236,12 +236,21 @@ def offline() -> None:
 #: Qwen-VL sizes for random-weight benchmarks (language model / vision tower dimensions of the releases)
 QWEN_VL_SIZES: dict[str, dict[str, Any]] = {
     "tiny": {},  # samtok.mllm.models.TinyModelConfig defaults
+    # "embedded": configs/sft/tiny.yaml's model.tiny (embedded_default_model)
     "qwen2_5_vl_3b": dict(family="qwen2_5_vl", hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
                           num_attention_heads=16, num_key_value_heads=2, vision_depth=32, vision_hidden_size=1280,
                           vision_intermediate_size=3420, vision_num_heads=16, rope_theta=1e6,
                           max_position_embeddings=32768, min_pixels=4 * 28 * 28, max_pixels=2048 * 28 * 28),
 }
 QWEN2_5_VOCAB_ROWS = 151936  # embedding rows of Qwen2.5-VL-3B (more than its 151,665 tokens)
+
+
+def embedded_default_model():
+    """The tiny model block of ``configs/sft/tiny.yaml`` (size ``"embedded"``): what ``make sft`` trains."""
+    from samtok.core.config import load_config
+    from samtok.mllm.train_sft import SFTConfig
+
+    return load_config(SFTConfig, Path(__file__).resolve().parents[1] / "configs" / "sft" / "tiny.yaml").model.tiny
 
 
 def build_random_qwen_vl(size: str, device: str, dtype: torch.dtype = torch.float32, vocab_rows: Optional[int] = None,
@@ -257,7 +266,7 @@ def build_random_qwen_vl(size: str, device: str, dtype: torch.dtype = torch.floa
     from samtok.mllm.text_tokenizers import CHAT_TEMPLATES, train_bpe_tokenizer
     from samtok.mllm.vocab import add_mask_vocabulary
 
-    cfg = TinyModelConfig(**QWEN_VL_SIZES[size])
+    cfg = embedded_default_model() if size == "embedded" else TinyModelConfig(**QWEN_VL_SIZES[size])
     cfg.validate()
     corpus = list(corpus) or ["Please segment the red blob in this image.", "A small green circle on the left.",
                               "Where is the blue square? Please respond with a segmentation mask."]

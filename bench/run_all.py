@@ -39,9 +39,10 @@ here: unit tests never time anything (docs/STYLE: ratios and throughput live in 
 How numbers are taken: wall-clock after a warm-up, `torch.cuda.synchronize()` around each timed
 region on a GPU, every measurement repeated and the **median** reported with its spread (slowest /
 fastest repeat). Random weights everywhere: throughput does not depend on what the weights learned.
-The CPU tables come from the project's shared 2-core CPU machine, measured with one torch thread
-while other developers' training jobs ran (each device line gives the load average at the time):
-read them as orders of magnitude and as ratios (cached vs per-mask), not as absolute capacity.
+The CPU tables come from the project's 2-core CPU machine with two torch threads and nothing else
+running (2026-11-23; the load average on each device line includes the benchmark's own warm-up).
+Earlier tables taken with one thread while other training jobs ran were 1.5–2x slower: read the
+numbers as orders of magnitude and the ratios (cached vs per-mask) as the result.
 
 | benchmark | measures |
 |---|---|

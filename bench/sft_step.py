@@ -5,11 +5,17 @@ with a mask span), built by the project's own ``build_training_example`` / ``tra
 the loss is the module's forward (next-token loss on the answer), the optimiser the module's own
 ``configure_optimizers`` (AdamW parameter groups). Timed: ``steps`` optimiser steps per repeat.
 
-* CPU: the tiny random Qwen2.5-VL of the embedded default (full fine-tuning, fp32), once with its
-  small BPE vocabulary and once with the real vocabulary's 151,936 embedding rows.
+* CPU: a micro random Qwen2.5-VL (full fine-tuning, fp32), once with its small BPE vocabulary and once
+  with the real vocabulary's 151,936 embedding rows; and the model ``make sft`` trains (the tiny block
+  of ``configs/sft/tiny.yaml``, 128-px images → 64 visual tokens, 8 samples) in fp32 and in bf16-mixed
+  (fp32 weights, bf16 autocast: Lightning's ``precision: bf16-mixed``).
 * GPU: a Qwen2.5-VL-3B-sized random model (36 layers × 2048, vision 32 × 1280, 151,936 rows) with the
   release's recipe: LoRA r=128 / α=256 on every language linear, embeddings trainable, vision frozen,
   bf16 weights + bf16 autocast, gradient checkpointing, 4 samples per step; peak memory reported.
+
+FLOPs of a step (forward + backward) are counted once by ``torch.utils.flop_counter.FlopCounterMode``
+(matrix products and attention, what the multiply units do); GFLOP/s = that / step time, to compare
+with the device's peak.
 
     python bench/sft_step.py [--device cpu|cuda] [--repeats 5] [--quick]
 """
@@ -43,7 +49,7 @@ from benchkit import (  # noqa: E402
 NAME = "sft_step"
 TITLE = "SFT step (SFTLightningModule: forward + backward + AdamW)"
 COLUMNS = ["model", "params (M)", "trainable (M)", "precision", "batch", "tokens/sample", "step (s)", "samples/s",
-           "tokens/s", "peak GiB", "spread"]
+           "tokens/s", "GFLOP/step", "GFLOP/s", "peak GiB", "spread"]
 
 LABELS = ["red blob", "small green circle", "blue square on the left", "large yellow triangle"]
 
@@ -57,6 +63,8 @@ class SFTCase:
     vocab_rows: Optional[int] = None  # None: the BPE tokenizer's own size
     lora_r: int = 0  # 0: full fine-tuning of the language model
     bf16: bool = False  # bf16 weights + bf16 autocast (else fp32)
+    mixed: bool = False  # fp32 weights + bf16 autocast (bf16-mixed)
+    freeze_vision: bool = True  # the release freezes the vision tower; the embedded default trains it
     gradient_checkpointing: bool = False
     batch: int = 4
     image_px: int = 112
@@ -94,10 +102,10 @@ def prepare_module(case: SFTCase, device: str):
     """(SFTLightningModule, optimizer, processor) for ``case`` on ``device``."""
     from samtok.mllm.sft import LoraSettings, OptimSettings, SFTLightningModule, prepare_model_for_training
 
-    dtype = torch.bfloat16 if case.bf16 else torch.float32
+    dtype = torch.bfloat16 if case.bf16 and not case.mixed else torch.float32
     model, processor = build_random_qwen_vl(case.size, device, dtype, vocab_rows=case.vocab_rows)
     lora = LoraSettings(enabled=case.lora_r > 0, r=max(1, case.lora_r), alpha=2 * max(1, case.lora_r), dropout=0.05)
-    model = prepare_model_for_training(model, lora, freeze_vision=True,
+    model = prepare_model_for_training(model, lora, freeze_vision=case.freeze_vision,
                                        gradient_checkpointing=case.gradient_checkpointing)
     model.train()
     module = SFTLightningModule(model, processor.tokenizer, OptimSettings(), total_steps=1000).to(device)
@@ -108,16 +116,27 @@ def prepare_module(case: SFTCase, device: str):
 def run_case(case: SFTCase, device: str, repeats: int) -> dict:
     module, optimizer, processor = prepare_module(case, device)
     batch = to_device(training_batch(processor, case.batch, case.image_px), device)
-    autocast = torch.autocast(device_type="cuda" if device == "cuda" else "cpu", dtype=torch.bfloat16) \
-        if case.bf16 else nullcontext()
+    def autocast():
+        return torch.autocast(device_type="cuda" if device == "cuda" else "cpu", dtype=torch.bfloat16) \
+            if case.bf16 or case.mixed else nullcontext()
+
+    def one_step():
+        with autocast():
+            loss = module.loss(module(batch).logits, batch["labels"])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
     def steps():
         for _ in range(case.steps):
-            with autocast:
-                loss = module.loss(module(batch).logits, batch["labels"])
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            one_step()
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        one_step()
+    flops = counter.get_total_flops()
 
     reset_peak_memory(device)
     t = measure(steps, device, repeats=repeats)
@@ -127,8 +146,9 @@ def run_case(case: SFTCase, device: str, repeats: int) -> dict:
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     peak = peak_memory_gib(device)
     return {"model": case.label, "params (M)": params / 1e6, "trainable (M)": trainable / 1e6,
-            "precision": "bf16" if case.bf16 else "fp32", "batch": case.batch, "tokens/sample": tokens / case.batch,
-            "step (s)": step, "samples/s": case.batch / step, "tokens/s": tokens / step,
+            "precision": "bf16-mixed" if case.mixed else "bf16" if case.bf16 else "fp32", "batch": case.batch,
+            "tokens/sample": tokens / case.batch, "step (s)": step, "samples/s": case.batch / step,
+            "tokens/s": tokens / step, "GFLOP/step": flops / 1e9, "GFLOP/s": flops / 1e9 / step,
             "peak GiB": peak if peak is not None else "n/a (CPU)", "spread": f"{t.spread:.2f}x"}
 
 
@@ -140,7 +160,11 @@ def default_cases(device: str, quick: bool) -> list[SFTCase]:
     if quick:
         return [SFTCase("tiny, full fine-tuning", batch=2, steps=1)]
     return [SFTCase("tiny (BPE vocabulary), full fine-tuning", steps=10),
-            SFTCase("tiny with 151,936 vocabulary rows, full fine-tuning", vocab_rows=QWEN2_5_VOCAB_ROWS, steps=3)]
+            SFTCase("tiny with 151,936 vocabulary rows, full fine-tuning", vocab_rows=QWEN2_5_VOCAB_ROWS, steps=3),
+            SFTCase("the embedded default's model (configs/sft/tiny.yaml), full fine-tuning", size="embedded",
+                    freeze_vision=False, batch=8, image_px=128, steps=5),
+            SFTCase("the same, bf16 autocast", size="embedded", mixed=True, freeze_vision=False, batch=8, image_px=128,
+                    steps=5)]
 
 
 def run(device: str = "auto", quick: bool = False, repeats: int = 5,

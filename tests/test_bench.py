@@ -67,6 +67,24 @@ def test_gpu_configurations_run_at_micro_size_on_cpu(bench):
     _check_table(result, sft)
     row = result.rows[0]
     assert row["precision"] == "bf16" and row["trainable (M)"] < row["params (M)"]
+    assert 0 < row["GFLOP/step"] < 10 and row["GFLOP/s"] > 0
+
+
+def test_the_embedded_default_model_rows_count_its_flops(bench):
+    """The model `make sft` trains (configs/sft/tiny.yaml), fp32 and bf16-mixed, one step each: the
+    FLOP count is the same in both and grows with the batch (it is counted, not assumed)."""
+    sft = bench("sft_step")
+    cases = [sft.SFTCase("embedded", size="embedded", freeze_vision=False, batch=1, image_px=128, steps=1),
+             sft.SFTCase("embedded, 2", size="embedded", freeze_vision=False, batch=2, image_px=128, steps=1),
+             sft.SFTCase("embedded, mixed", size="embedded", mixed=True, freeze_vision=False, batch=1, image_px=128,
+                         steps=1)]
+    result = sft.run("cpu", repeats=1, cases=cases)
+    _check_table(result, sft, min_rows=3)
+    one, two, mixed = result.rows
+    assert mixed["precision"] == "bf16-mixed" and one["precision"] == "fp32"
+    assert one["trainable (M)"] == one["params (M)"] > 4  # full fine-tuning, the vision tower included
+    assert one["GFLOP/step"] == pytest.approx(mixed["GFLOP/step"])
+    assert 1.8 < two["GFLOP/step"] / one["GFLOP/step"] < 2.6  # the second sample is a few tokens longer
     grpo = bench("grpo_rollout")
     if grpo.rl_module_available():
         pytest.skip("the RL Lightning module is not available")
