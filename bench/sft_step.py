@@ -14,8 +14,8 @@ the loss is the module's forward (next-token loss on the answer), the optimiser 
   bf16 weights + bf16 autocast, gradient checkpointing, 4 samples per step; peak memory reported.
 
 FLOPs of a step (forward + backward) are counted once by ``torch.utils.flop_counter.FlopCounterMode``
-(matrix products and attention, what the multiply units do); GFLOP/s = that / step time, to compare
-with the device's peak.
+(matrix products and attention, what the multiply units do; with gradient checkpointing the recomputed
+forward is counted too); GFLOP/s = that / step time, to compare with the device's peak.
 
     python bench/sft_step.py [--device cpu|cuda] [--repeats 5] [--quick]
 """
@@ -59,7 +59,7 @@ class SFTCase:
     """One row of the table."""
 
     label: str
-    size: str = "tiny"  # benchkit.QWEN_VL_SIZES key
+    size: str = "tiny"  # benchkit.QWEN_VL_SIZES key, or "embedded" (configs/sft/tiny.yaml's model)
     vocab_rows: Optional[int] = None  # None: the BPE tokenizer's own size
     lora_r: int = 0  # 0: full fine-tuning of the language model
     bf16: bool = False  # bf16 weights + bf16 autocast (else fp32)

@@ -365,14 +365,27 @@ class ReferringBenchmark(LanguageBenchmark):
     def which_object(self, r: dict, pred: np.ndarray) -> Optional[tuple[bool, int]]:
         """``(is the referred one, number of annotated masks)`` when the predicted mask has IoU >= 0.5
         with some annotated mask of the image (the best-matching one); ``None`` when it has none."""
+        from samtok.eval.gcg import iou_matrix
+
         record = self.record_of(self.items[r["index"]].sample)
         if not pred.any() or not record.anns:
             return None
-        ious = [mask_iou(pred, record.mask(a.ann_id)) for a in record.anns]
+        ids, masks = self.image_masks(record)
+        ious = iou_matrix([pred], masks)[0]
         best = int(np.argmax(ious))
         if ious[best] < 0.5:
             return None
-        return record.anns[best].ann_id in set(r["targets"]), len(record.anns)
+        return ids[best] in set(r["targets"]), len(ids)
+
+    def image_masks(self, record) -> tuple[list[str], list[np.ndarray]]:
+        """Every annotated mask of an image, decoded once per benchmark (several sentences share an image)."""
+        cache = getattr(self, "_image_masks", None)
+        if cache is None:
+            cache = self._image_masks = {}
+        key = (record.source, record.image_id)
+        if key not in cache:
+            cache[key] = ([a.ann_id for a in record.anns], [record.mask(a.ann_id) for a in record.anns])
+        return cache[key]
 
     def object_choice(self, hits: list[Optional[tuple[bool, int]]]) -> dict[str, float]:
         """Does the model localise, and does it find THE object the phrase names?

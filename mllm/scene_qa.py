@@ -24,8 +24,10 @@ models go through before anyone adds mask words, in miniature: in scenes of 1-4 
   first mask code mostly encodes (docs/sft.md). Scored by the mean IoU of the parsed box, against
   the mean training box.
 
-With ``save_model`` the trained model is written as a QwenVL-SAMTok directory whose BPE was trained
-on the SFT mixture's texts too (``corpus_from``), which ``samtok sft`` continues from (``init_from``).
+With ``save_model`` the trained model is written as a Hugging Face model directory (the 514 mask words
+in its vocabulary, never trained, and no ``samtok.json``) whose BPE was trained on the SFT mixture's texts
+too (``corpus_from``), which ``samtok sft`` continues from (``init_from``; the mask words then get the
+SFT config's init).
 Measured numbers: docs/sft.md, "Does the image reach the model?" and "Grounding pretraining".
 """
 

@@ -39,7 +39,7 @@ class SFTConfig:
     generation_val: GenerationValSettings = field(default_factory=GenerationValSettings)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     out_dir: str = "runs/sft"
-    init_from: Optional[str] = None  # continue from a QwenVL-SAMTok directory instead of model.path / tiny
+    init_from: Optional[str] = None  # continue from a model directory (an SFT / GRPO output, or a `samtok pretrain` model) instead of model.path / tiny
     resume: str = "auto"  # auto (out_dir's last.ckpt if any) | never | a .ckpt path
     corpus_samples: int = 4000  # tiny model: conversations whose text trains the BPE text tokenizer
     progress_bar: bool = True
@@ -85,9 +85,14 @@ def build_model_and_processor(cfg: SFTConfig):
 
 
 def base_has_trained_mask_words(path) -> bool:
-    """A QwenVL-SAMTok directory (``samtok.json``, written by SFT / GRPO) has trained mask words; any other
-    base (a released Qwen-VL, a ``samtok pretrain`` model) gets them initialised as configured."""
-    return (Path(path) / "samtok.json").is_file()
+    """A directory written by this project's SFT / GRPO / export (``samtok.json`` names its mask
+    tokenizer) has trained mask words and keeps them; any other base (a released Qwen-VL, a
+    ``samtok pretrain`` model) gets them initialised as ``model.mask_embedding_init`` says. A released
+    QwenVL-SAMTok checkpoint has no ``samtok.json``: continue it with the default ``statistics`` init
+    and ``freeze_first_code_head: false`` (a no-op on existing rows), or its trained rows are replaced."""
+    from samtok.mllm.export import SAMTOK_JSON
+
+    return (Path(path) / SAMTOK_JSON).is_file()
 
 
 def apply_mask_embedding_init(model, processor, cfg: SFTConfig) -> None:
@@ -142,6 +147,8 @@ def train_sft(cfg: SFTConfig) -> dict:
     model, processor, origin = build_model_and_processor(cfg)
     if not origin.get("mask_words_trained", False):  # fresh tiny model, released Qwen-VL, `samtok pretrain` model
         apply_mask_embedding_init(model, processor, cfg)
+    else:
+        log.info("%s has trained mask words (samtok.json): kept as they are", origin["base_model"])
     model = prepare_model_for_training(model, cfg.lora, cfg.model.freeze_vision, cfg.model.gradient_checkpointing)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -299,7 +306,7 @@ def print_results(summary: dict, cfg: SFTConfig) -> None:
         print(baseline_table(summary.get("generation", {}), summary.get("teacher_forced"), majority))
     points = summary.get("curve") or []
     if points:
-        keys = [k for k in CURVE_KEYS if k in points[-1]]
+        keys = [k for k in CURVE_KEYS if any(k in p for p in points)]  # e.g. right_object needs an answer on an object
         print("\nheld-out generation over training (greedy; generation_val.every_validation):")
         print("| step | minutes | " + " | ".join(keys) + " |")
         print("| --- | --- | " + " | ".join("---" for _ in keys) + " |")

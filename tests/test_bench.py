@@ -68,6 +68,12 @@ def test_gpu_configurations_run_at_micro_size_on_cpu(bench):
     row = result.rows[0]
     assert row["precision"] == "bf16" and row["trainable (M)"] < row["params (M)"]
     assert 0 < row["GFLOP/step"] < 10 and row["GFLOP/s"] > 0
+    grpo = bench("grpo_rollout")
+    if grpo.rl_module_available():
+        pytest.skip("the RL Lightning module is not available")
+    case = grpo.GRPOCase("tiny, LoRA r=4, bf16", lora_r=4, bf16=True, prompts=2, group=2, max_new_tokens=3,
+                         micro_batch_size=2)
+    _check_table(grpo.run("cpu", repeats=1, cases=[case]), grpo)
 
 
 def test_the_embedded_default_model_rows_count_its_flops(bench):
@@ -85,12 +91,6 @@ def test_the_embedded_default_model_rows_count_its_flops(bench):
     assert one["trainable (M)"] == one["params (M)"] > 4  # full fine-tuning, the vision tower included
     assert one["GFLOP/step"] == pytest.approx(mixed["GFLOP/step"])
     assert 1.8 < two["GFLOP/step"] / one["GFLOP/step"] < 2.6  # the second sample is a few tokens longer
-    grpo = bench("grpo_rollout")
-    if grpo.rl_module_available():
-        pytest.skip("the RL Lightning module is not available")
-    case = grpo.GRPOCase("tiny, LoRA r=4, bf16", lora_r=4, bf16=True, prompts=2, group=2, max_new_tokens=3,
-                         micro_batch_size=2)
-    _check_table(grpo.run("cpu", repeats=1, cases=[case]), grpo)
 
 
 def test_several_images_per_call_as_on_a_gpu(bench):

@@ -126,6 +126,7 @@ def test_sft_from_a_base_without_mask_training_gets_the_configured_mask_rows(run
     from samtok.mllm.train_sft import base_has_trained_mask_words
     from samtok.mllm.vocab import code_token_ids_by_depth
 
+    assert run["rc"] == 0, run["stderr"][-3000:]
     trained = run["run"] / "final"
     assert base_has_trained_mask_words(trained) and not base_has_trained_mask_words(tmp_path)
     model, processor = load_model_and_processor(trained)
