@@ -40,7 +40,8 @@ How numbers are taken: wall-clock after a warm-up, `torch.cuda.synchronize()` ar
 region on a GPU, every measurement repeated and the **median** reported with its spread (slowest /
 fastest repeat). Random weights everywhere: throughput does not depend on what the weights learned.
 The CPU tables come from the project's 2-core CPU machine with two torch threads and nothing else
-running (2026-11-23; the load average on each device line includes the benchmark's own warm-up).
+running (2026-11-23, an AMD EPYC; the SFT-step table 2026-12-06, an Intel Xeon — each device line
+names its CPU and the load average, which includes the benchmark's own warm-up).
 Earlier tables taken with one thread while other training jobs ran were 1.5–2x slower: read the
 numbers as orders of magnitude and the ratios (cached vs per-mask) as the result.
 
