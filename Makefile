@@ -28,7 +28,7 @@ PRETOK_DONE:= runs/pretok/DONE
 SFT_DONE   := runs/sft/final/DONE
 RL_DONE    := runs/rl/final/DONE
 
-.PHONY: help install install-browser test test-fast demo synth train-tokenizer pretokenize pretrain sft vision-check rl eval serve bench tensorboard clean distclean
+.PHONY: help install install-browser test test-fast demo synth train-tokenizer pretokenize pretrain sft vision-check binding-check rl eval serve bench tensorboard clean distclean
 
 help:
 	@echo "make demo             install if needed, then run the whole pipeline on the embedded synthetic default"
@@ -40,6 +40,7 @@ help:
 	@echo "make pretrain         optional grounding pretraining of the tiny VLM -> runs/pretrain/final/ (sft: init_from=...)"
 	@echo "make sft              supervised fine-tuning of the tiny QwenVL-SAMTok -> runs/sft/final/"
 	@echo "make vision-check     does the image reach the tiny model? image-only questions vs the best constant answer"
+	@echo "make binding-check    does it find the object a colour word names among 2-3? vs a random object (~13 min)"
 	@echo "make rl               GRPO from runs/sft/final/ -> runs/rl/final/"
 	@echo "make eval             evaluate tokenizer, SFT and RL models -> runs/eval/summary.md"
 	@echo "make serve            the web demo (Tokenize, Detokenize, Chat) on http://127.0.0.1:7860/"
@@ -110,6 +111,10 @@ eval: install | $(TOK_DONE) $(SFT_DONE) $(RL_DONE)
 
 vision-check: install
 	$(SAMTOK) vision-check --config configs/scene_qa/vision_check.yaml $(ARGS)
+
+# Can the tiny model find THE object a phrase names among several? (~13 min; docs/sft.md)
+binding-check: install
+	$(SAMTOK) vision-check --config configs/scene_qa/binding.yaml $(ARGS)
 
 serve: install
 	$(SAMTOK) serve $(ARGS)

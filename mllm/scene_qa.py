@@ -56,7 +56,13 @@ QUESTIONS: dict[str, tuple[str, tuple[int, int]]] = {
     "count": ("How many objects are there?", (1, 4)),
     "ground": ("Where is the {object}?", (1, 4)),
     "box": ("Where is the {object}? Answer with its box.", (1, 4)),
+    # binding: the object named by its colour alone among 2-3 (a model that only finds objects scores
+    # the "random object" baseline; the key sorts last so the other questions keep their scenes)
+    "which_colour": ("Where is the {colour} object?", (2, 3)),
 }
+NAMED = ("ground", "box", "which_colour")
+"""Questions that name one object of a multi-object scene; those answered with a cell (not ``box``) are also
+reported by object count, next to the score of naming a random object's cell."""
 _NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
 _BOX_RE = re.compile(r"\(\s*(\d+)\s*,\s*(\d+)\s*\)\s*,\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)")
 
@@ -68,12 +74,15 @@ class SceneQAConfig:
     Attributes:
         model: the tiny Qwen-VL built from scratch (``samtok.mllm.models.TinyModelConfig``); the
             presets copy the model block of ``configs/sft/tiny.yaml``.
-        questions: which of ``colour``, ``location``, ``shape``, ``count``, ``ground``, ``box`` to train
-            and score (mixed uniformly in training).
+        questions: which of ``colour``, ``location``, ``shape``, ``count``, ``ground``, ``box``,
+            ``which_colour`` to train and score (mixed uniformly in training).
         train_images / val_images: scenes rendered per question for training / held out (other seeds).
         steps, batch_size, lr, warmup_fraction: AdamW with linear warm-up and linear decay.
-        min_margin: each question's held-out score must beat its best constant answer by this much
+        min_margin: each question's held-out score must beat its baseline by this much
             (``samtok vision-check`` exits 1 otherwise; ``samtok pretrain`` only reports it).
+        baseline: ``constant`` (the best answer that ignores the image) or ``random_object`` (for
+            ``ground`` / ``which_colour``: the cell of a random object of the scene — perfect place,
+            no binding of the phrase; the binding check, ``configs/scene_qa/binding.yaml``).
         image_size: side of the rendered square scenes in pixels (the synthetic data set's 128).
         seed: scenes, weights and batches.
         threads: torch CPU threads (0 keeps torch's default).
@@ -95,6 +104,7 @@ class SceneQAConfig:
     lr: float = 1.0e-3
     warmup_fraction: float = 0.05
     min_margin: float = 0.3
+    baseline: str = "constant"
     image_size: int = 128
     seed: int = 0
     threads: int = 2
@@ -113,6 +123,10 @@ class SceneQAConfig:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
         if not 0.0 <= self.warmup_fraction < 1.0:
             raise ConfigError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if self.baseline not in ("constant", "random_object"):
+            raise ConfigError(f"baseline must be 'constant' or 'random_object', got {self.baseline!r}")
+        if self.baseline == "random_object" and any(q not in ("ground", "which_colour") for q in self.questions):
+            raise ConfigError("baseline: random_object needs questions among ['ground', 'which_colour']")
         if self.image_position not in ("before", "after"):
             raise ConfigError(f"image_position must be 'before' or 'after', got {self.image_position!r}")
         if self.save_model and not self.out_dir:
@@ -127,6 +141,8 @@ class QuestionSample:
     image: np.ndarray  # (H, W, 3) uint8
     answer: str
     image_position: str = "before"
+    objects: int = 1  # objects in the scene
+    random_object: Optional[float] = None  # questions naming one object: score of naming a random one instead
 
     def messages(self, with_answer: bool = True) -> list[dict]:
         content = ("<image>\n" + self.prompt) if self.image_position == "before" else (self.prompt + "\n<image>")
@@ -176,18 +192,23 @@ def make_samples(question: str, n: int, seed: int, image_size: int = 128) -> lis
         scene = sample_scene(cfg, rng)
         facts = scene.facts
         objects = facts.objects
-        prompt = template
+        prompt, random_object = template, None
         if question == "count":
             answer = _NUMBER_WORDS.get(len(objects))
-        elif question in ("ground", "box"):
+        elif question in NAMED:
             obj = objects[int(rng.integers(len(objects)))]
-            prompt = template.format(object=f"{obj.color} {obj.shape}")
-            answer = facts.location_phrase(obj) if question == "ground" else box_text(obj.box, facts.width, facts.height)
+            prompt = template.format(object=f"{obj.color} {obj.shape}", colour=obj.color)
+            if question == "box":
+                answer = box_text(obj.box, facts.width, facts.height)
+            else:
+                answer = facts.location_phrase(obj)
+                random_object = float(np.mean([facts.location_phrase(o) == answer for o in objects]))
         else:
             [obj] = objects
             answer = {"colour": obj.color, "shape": obj.shape}.get(question) or facts.location_phrase(obj)
         if answer is not None:
-            out.append(QuestionSample(question, prompt, scene.image, answer))
+            out.append(QuestionSample(question, prompt, scene.image, answer, objects=len(objects),
+                                      random_object=random_object))
     return out
 
 
@@ -212,14 +233,28 @@ def best_constant(train: Sequence[QuestionSample], held_out: Sequence[QuestionSa
 def greedy_scores(model, processor, samples: Sequence[QuestionSample], batch_size: int = 32,
                   max_new_tokens: int = 24) -> tuple[float, Counter]:
     """Mean :func:`score` of the greedy answers, and the counts of the answers given."""
+    per_sample, given = greedy_answers(model, processor, samples, batch_size, max_new_tokens)
+    return float(np.mean(per_sample)) if per_sample else 0.0, given
+
+
+def greedy_answers(model, processor, samples: Sequence[QuestionSample], batch_size: int = 32,
+                   max_new_tokens: int = 24) -> tuple[list[float], Counter]:
+    """:func:`score` of each greedy answer, and the counts of the answers given."""
     from samtok.mllm.generation import greedy_texts
 
     texts = greedy_texts(model, processor, [(s.messages(False), [s.image]) for s in samples], batch_size, max_new_tokens)
-    total, given = 0.0, Counter()
-    for s, text in zip(samples, texts):
-        given[text.strip()] += 1
-        total += score(s.question, text, s.answer)
-    return total / max(1, len(samples)), given
+    return [score(s.question, t, s.answer) for s, t in zip(samples, texts)], Counter(t.strip() for t in texts)
+
+
+def by_object_count(samples: Sequence[QuestionSample], scores: Sequence[float]) -> dict[str, dict[str, float]]:
+    """Held-out score per number of objects in the scene, next to naming a random object's place."""
+    out: dict[str, dict[str, float]] = {}
+    for n in sorted({s.objects for s in samples}):
+        rows = [(sc, s.random_object) for s, sc in zip(samples, scores) if s.objects == n]
+        out[str(n)] = {"count": len(rows), "score": float(np.mean([r[0] for r in rows]))}
+        if all(r[1] is not None for r in rows):
+            out[str(n)]["random_object"] = float(np.mean([r[1] for r in rows]))
+    return out
 
 
 def build_model(model_cfg: TinyModelConfig, samples: Sequence[QuestionSample], extra_corpus: Sequence[str] = ()):
@@ -306,13 +341,19 @@ def run_scene_qa(cfg: SceneQAConfig, progress: bool = True) -> dict:
     report = {"steps": cfg.steps, "batch_size": cfg.batch_size, "train_minutes": round(minutes, 2),
               "final_loss": float(np.mean(losses[-10:])), "min_margin": cfg.min_margin, "questions": {}}
     for q in cfg.questions:
-        acc, given = greedy_scores(model, processor, val_sets[q])
+        per_sample, given = greedy_answers(model, processor, val_sets[q])
+        acc = float(np.mean(per_sample))
         constant, constant_acc = best_constant(train_sets[q], val_sets[q])
-        report["questions"][q] = {
+        r = report["questions"][q] = {
             "prompt": QUESTIONS[q][0], "held_out": len(val_sets[q]), "metric": "box IoU" if q == "box" else "exact",
-            "score": acc, "best_constant": constant, "best_constant_score": constant_acc, "margin": acc - constant_acc,
-            "distinct_answers": len(given), "passed": acc - constant_acc >= cfg.min_margin,
+            "score": acc, "best_constant": constant, "best_constant_score": constant_acc, "distinct_answers": len(given),
         }
+        if q in NAMED and q != "box":
+            r["random_object_score"] = float(np.mean([s.random_object for s in val_sets[q]]))
+            r["by_objects"] = by_object_count(val_sets[q], per_sample)
+        r["baseline"] = cfg.baseline
+        r["margin"] = acc - (r["random_object_score"] if cfg.baseline == "random_object" else constant_acc)
+        r["passed"] = r["margin"] >= cfg.min_margin
     report["passed"] = all(r["passed"] for r in report["questions"].values())
     if cfg.out_dir:
         out = Path(cfg.out_dir)
@@ -330,11 +371,21 @@ def run_scene_qa(cfg: SceneQAConfig, progress: bool = True) -> dict:
 def format_report(report: dict, title: str = "vision-path check") -> str:
     lines = [f"{title}: {report['steps']} steps x {report['batch_size']} in {report['train_minutes']} min "
              f"(final loss {report['final_loss']:.3f}); held-out greedy answers",
-             "| question | prompt | metric | score | best constant | margin | passed |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| question | prompt | metric | score | best constant | random object | margin | passed |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for q, r in report["questions"].items():
+        rand = f"{r['random_object_score']:.3f}" if "random_object_score" in r else "-"
         lines.append(f"| {q} | {r['prompt']} | {r['metric']} | {r['score']:.3f} | {r['best_constant_score']:.3f} "
-                     f"(\"{r['best_constant']}\") | {r['margin']:+.3f} | {'yes' if r['passed'] else 'NO'} |")
+                     f"(\"{r['best_constant']}\") | {rand} | {r['margin']:+.3f} (vs {r.get('baseline', 'constant')}) | "
+                     f"{'yes' if r['passed'] else 'NO'} |")
+    for q, r in report["questions"].items():
+        for n, b in r.get("by_objects", {}).items():
+            lines.append(f"  {q}, {n} object(s): {b['score']:.3f} on {b['count']} scenes"
+                         + (f" (a random object: {b['random_object']:.3f})" if "random_object" in b else ""))
     verdict = "PASSED" if report["passed"] else f"FAILED (a margin below {report['min_margin']})"
-    lines.append(f"{verdict}: the answers {'depend' if report['passed'] else 'may not depend'} on the image")
+    if any(r.get("baseline") == "random_object" for r in report["questions"].values()):
+        lines.append(f"{verdict}: the answers {'find' if report['passed'] else 'may not find'} the named object "
+                     "more often than a random object of the scene")
+    else:
+        lines.append(f"{verdict}: the answers {'depend' if report['passed'] else 'may not depend'} on the image")
     return "\n".join(lines)

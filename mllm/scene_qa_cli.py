@@ -21,7 +21,9 @@ def run(name: str, args: argparse.Namespace) -> int:
     if args.print_config:
         return 0
     report = run_scene_qa(cfg)
-    print(format_report(report, "vision-path check" if name == "vision-check" else "grounding pretraining"))
+    title = "grounding pretraining" if name == "pretrain" else \
+        "binding check" if cfg.baseline == "random_object" else "vision-path check"
+    print(format_report(report, title))
     if cfg.out_dir:
         print(f"report written to {cfg.out_dir}/report.json" + (f", model to {report['model']}" if "model" in report else ""))
     # the check fails loudly; the pretraining stage reports its margins and hands its model on

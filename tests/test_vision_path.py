@@ -155,3 +155,39 @@ def test_the_probe_can_put_the_image_after_the_question():
     assert s.messages(False) == [{"role": "user", "content": "<image>\n" + s.prompt}]
     s.image_position = "after"
     assert s.messages() == [{"role": "user", "content": s.prompt + "\n<image>"}, {"role": "assistant", "content": s.answer}]
+
+
+def test_the_binding_question_names_one_of_several_objects_and_knows_a_random_pick():
+    from samtok.mllm.scene_qa import by_object_count
+
+    samples = make_samples("which_colour", 60, seed=3)
+    assert all(s.prompt.startswith("Where is the ") and s.prompt.endswith(" object?") for s in samples)
+    assert {s.objects for s in samples} >= {2, 3}
+    # naming a random object's cell scores 1 when every object shares the answer's cell, 1/n at most otherwise
+    assert all(0.0 < s.random_object <= 1.0 for s in samples)
+    assert any(s.random_object < 1.0 for s in samples)
+    # a model that always answers right scores 1 in every group; the random pick sits below
+    table = by_object_count(samples, [1.0] * len(samples))
+    assert all(row["score"] == 1.0 and row["random_object"] < 1.0 for n, row in table.items() if n != "1")
+    assert sum(row["count"] for row in table.values()) == 60
+    # the other questions keep their scenes (their seeds depend on the sorted question names)
+    assert sorted(QUESTIONS)[-1] == "which_colour"
+    with pytest.raises(Exception, match="random_object"):
+        SceneQAConfig(questions=["colour"], baseline="random_object").validate()
+
+
+def test_a_binding_run_reports_its_margin_over_a_random_object(tmp_path):
+    from samtok.mllm.scene_qa import format_report
+
+    cfg = SceneQAConfig(model=micro("qwen3_vl", hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                    vision_depth=1, vision_hidden_size=32, vision_intermediate_size=64),
+                        questions=["which_colour"], train_images=40, val_images=30, steps=3, batch_size=4,
+                        baseline="random_object", min_margin=0.05, threads=1, out_dir=str(tmp_path))
+    report = run_scene_qa(cfg, progress=False)
+    r = report["questions"]["which_colour"]
+    assert r["baseline"] == "random_object" and 0.0 < r["random_object_score"] < 1.0
+    assert r["margin"] == pytest.approx(r["score"] - r["random_object_score"])
+    assert r["passed"] == (r["margin"] >= 0.05)
+    assert set(r["by_objects"]) >= {"2", "3"} and all("random_object" in b for b in r["by_objects"].values())
+    text = format_report(report, "binding check")
+    assert "which_colour, 2 object(s)" in text and "(vs random_object)" in text
