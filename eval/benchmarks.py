@@ -378,14 +378,13 @@ class ReferringBenchmark(LanguageBenchmark):
         return ids[best] in set(r["targets"]), len(ids)
 
     def image_masks(self, record) -> tuple[list[str], list[np.ndarray]]:
-        """Every annotated mask of an image, decoded once per benchmark (several sentences share an image)."""
-        cache = getattr(self, "_image_masks", None)
-        if cache is None:
-            cache = self._image_masks = {}
+        """Every annotated mask of an image. The last image's are kept: the sentences of an image come one
+        after another, and keeping every image's would hold a whole split's masks in memory."""
         key = (record.source, record.image_id)
-        if key not in cache:
-            cache[key] = ([a.ann_id for a in record.anns], [record.mask(a.ann_id) for a in record.anns])
-        return cache[key]
+        last = getattr(self, "_image_masks", None)
+        if last is None or last[0] != key:
+            last = self._image_masks = (key, [a.ann_id for a in record.anns], [record.mask(a.ann_id) for a in record.anns])
+        return last[1], last[2]
 
     def object_choice(self, hits: list[Optional[tuple[bool, int]]]) -> dict[str, float]:
         """Does the model localise, and does it find THE object the phrase names?

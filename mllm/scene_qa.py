@@ -61,8 +61,10 @@ QUESTIONS: dict[str, tuple[str, tuple[int, int]]] = {
     "which_colour": ("Where is the {colour} object?", (2, 3)),
 }
 NAMED = ("ground", "box", "which_colour")
-"""Questions that name one object of a multi-object scene; those answered with a cell (not ``box``) are also
-reported by object count, next to the score of naming a random object's cell."""
+"""Questions that name one object of a multi-object scene."""
+NAMED_PLACE = ("ground", "which_colour")
+"""Those answered with a cell: reported by object count, next to the score of naming a random object's cell
+(``baseline: random_object``)."""
 _NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
 _BOX_RE = re.compile(r"\(\s*(\d+)\s*,\s*(\d+)\s*\)\s*,\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)")
 
@@ -125,8 +127,8 @@ class SceneQAConfig:
             raise ConfigError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
         if self.baseline not in ("constant", "random_object"):
             raise ConfigError(f"baseline must be 'constant' or 'random_object', got {self.baseline!r}")
-        if self.baseline == "random_object" and any(q not in ("ground", "which_colour") for q in self.questions):
-            raise ConfigError("baseline: random_object needs questions among ['ground', 'which_colour']")
+        if self.baseline == "random_object" and any(q not in NAMED_PLACE for q in self.questions):
+            raise ConfigError(f"baseline: random_object needs questions among {list(NAMED_PLACE)}")
         if self.image_position not in ("before", "after"):
             raise ConfigError(f"image_position must be 'before' or 'after', got {self.image_position!r}")
         if self.save_model and not self.out_dir:
@@ -348,7 +350,7 @@ def run_scene_qa(cfg: SceneQAConfig, progress: bool = True) -> dict:
             "prompt": QUESTIONS[q][0], "held_out": len(val_sets[q]), "metric": "box IoU" if q == "box" else "exact",
             "score": acc, "best_constant": constant, "best_constant_score": constant_acc, "distinct_answers": len(given),
         }
-        if q in NAMED and q != "box":
+        if q in NAMED_PLACE:
             r["random_object_score"] = float(np.mean([s.random_object for s in val_sets[q]]))
             r["by_objects"] = by_object_count(val_sets[q], per_sample)
         r["baseline"] = cfg.baseline
